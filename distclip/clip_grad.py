@@ -1,0 +1,188 @@
+"""The public functions: drop-in replacements for torch.nn.utils' clipping, made global.
+
+The data flows: gradients -> ownership (who counts which element) -> local partials -> one
+all-reduce -> global norm -> coefficient -> in-place scaling of every local gradient.
+"""
+
+from __future__ import annotations
+
+import types
+import warnings
+from typing import Iterable, Union
+
+import torch
+from torch import Tensor, nn
+from torch.distributed.tensor import DTensor
+
+from distclip.ownership import local_tensor, plan_ownership
+from distclip.partials import PNorm, local_partial
+from distclip.reduction import all_reduce_partials, raise_problems
+from distclip.scaling import check_max_norm, clip_coefficient, scale_
+from distclip.topology import GroupLike, reduction_device, resolve_topology
+
+TensorOrTensors = Union[Tensor, Iterable[Tensor], nn.Module]
+
+_NONFINITE_MESSAGE = (
+    "The total norm of order {} for gradients from `parameters` is non-finite, so it cannot be "
+    "clipped. To disable this error and scale the gradients by the non-finite norm anyway, set "
+    "`error_if_nonfinite=False`"
+)
+
+
+def _tensor_list(tensors: TensorOrTensors, what: str) -> list[Tensor]:
+    if isinstance(tensors, nn.Module):
+        return list(tensors.parameters())
+    if isinstance(tensors, Tensor):
+        return [tensors]
+    is_generator = isinstance(tensors, types.GeneratorType)
+    tensors = list(tensors)
+    if is_generator and not tensors:
+        warnings.warn(
+            f"`{what}` is an empty generator, no gradient clipping will occur.", stacklevel=3
+        )
+    return tensors
+
+
+def _global_norm(
+    grads: list[Tensor],
+    pnorm: PNorm,
+    error_if_nonfinite: bool,
+    foreach: bool | None,
+    group: GroupLike,
+    replica_group: GroupLike,
+) -> tuple[Tensor, Tensor, list[Tensor]]:
+    """(total norm, invalid flag, local tensors) for this rank's ``grads``, one collective."""
+    topology = resolve_topology(group, replica_group)
+    local_tensors = [local_tensor(g) for g in grads]
+    out_device = local_tensors[0].device if local_tensors else None
+    device = reduction_device(topology, fallback=out_device or torch.device("cpu"))
+    out_dtype = (
+        torch.float64 if any(t.dtype == torch.float64 for t in local_tensors) else torch.float32
+    )
+
+    ownership = plan_ownership(grads, topology)
+    pieces = ownership.pieces(local_tensors)
+    partial = local_partial(pieces, pnorm, foreach, device)
+    reduced = all_reduce_partials(
+        partial.reshape(1), [bool(pieces)], ownership.problems, pnorm, topology
+    )
+    raise_problems(reduced, ownership.problems)
+
+    total = reduced.norms[0].to(device=out_device or device, dtype=out_dtype)
+    if error_if_nonfinite and bool(total.isnan() | total.isinf()):
+        raise RuntimeError(_NONFINITE_MESSAGE.format(pnorm.p))
+    return total, reduced.invalid, local_tensors
+
+
+@torch.no_grad()
+def get_total_norm(
+    tensors: TensorOrTensors,
+    norm_type: float = 2.0,
+    error_if_nonfinite: bool = False,
+    foreach: bool | None = None,
+    *,
+    group: GroupLike = None,
+    replica_group: GroupLike = None,
+) -> Tensor:
+    r"""The global norm of gradient tensors spread over the ranks of ``group``.
+
+    .. math::
+        \|g\|_p = \Big(\sum_{\text{ranks } r} \sum_{x \text{ owned by } r} |x|^p\Big)^{1/p}
+
+    with every element of the model owned by exactly one rank (see :mod:`distclip.ownership`):
+    DTensor shards are distinct, ``Replicate`` mesh dims and ranks of ``replica_group`` outside
+    the mesh hold copies whose work is split among them, other ranks of ``group`` hold other
+    tensors.  ``inf``/``-inf`` take the max/min of ``|x|``, ``0`` counts nonzeros.
+
+    Args:
+        tensors: gradient tensors (plain or DTensor, on any devices and dtypes), a Tensor, or
+            an ``nn.Module`` (its parameters, for parity with ``clip_grad_norm_``).
+        norm_type: ``p``; any float ``p > 0``, ``0``, ``inf``/``'inf'`` or ``-inf``.
+        error_if_nonfinite: raise RuntimeError on every rank if the global norm is NaN or
+            infinite (this reads the norm on the host: the one device sync of this API).
+        foreach: as in torch: None uses ``torch._foreach_norm`` where supported.
+        group: ProcessGroup or 1-D DeviceMesh over which partials are summed.  Default: WORLD
+            when ``torch.distributed`` is initialized, else no communication.
+        replica_group: ranks across which plain gradients are identical copies.  Default: all of
+            ``group`` (DDP).  A pipeline stage passes its data-parallel group.
+
+    Returns:
+        The global norm: a 0-dim plain tensor, float32 (float64 if any gradient is float64), on
+        the device of the first gradient (of the reduction when this rank has none), bitwise
+        identical on every rank.  Exactly one all-reduce when the group has more than one rank.
+
+    Raises:
+        ValueError: unknown ``norm_type``; a DTensor on a mesh with ranks outside ``group``; a
+            Partial placement; a ``replica_group`` outside ``group``.  Problems found in a
+            rank's gradients ride the one all-reduce, so all ranks raise together.
+    """
+    pnorm = PNorm.parse(norm_type)
+    grads = _tensor_list(tensors, "tensors")
+    if grads and isinstance(tensors, nn.Module):
+        grads = [p.grad for p in grads if p.grad is not None]
+    total, _, _ = _global_norm(grads, pnorm, error_if_nonfinite, foreach, group, replica_group)
+    return total
+
+
+@torch.no_grad()
+def clip_grads_with_norm_(
+    parameters: TensorOrTensors,
+    max_norm: float,
+    total_norm: Tensor,
+    foreach: bool | None = None,
+) -> None:
+    r"""Scale every local gradient in place by ``min(max_norm / (total_norm + 1e-6), 1)``.
+
+    No communication: ``total_norm`` must already be global (from :func:`get_total_norm`, maybe
+    combined further by the caller).  A DTensor ``total_norm`` (torch's own FSDP2 result) is
+    materialized with ``full_tensor()``.  Gradients that are DTensors are scaled through their
+    local tensors.
+    """
+    max_norm = check_max_norm(max_norm)
+    if isinstance(total_norm, DTensor):
+        total_norm = total_norm.full_tensor()
+    grads = [local_tensor(p.grad) for p in _tensor_list(parameters, "parameters") if p.grad is not None]
+    if grads:
+        scale_(grads, clip_coefficient(max_norm, total_norm), foreach)
+
+
+@torch.no_grad()
+def clip_grad_norm_(
+    parameters: TensorOrTensors,
+    max_norm: float,
+    norm_type: float = 2.0,
+    error_if_nonfinite: bool = False,
+    foreach: bool | None = None,
+    *,
+    group: GroupLike = None,
+    replica_group: GroupLike = None,
+) -> Tensor:
+    r"""Clip the gradients of a model split across ranks by its *global* norm, in place.
+
+    Equivalent to :func:`get_total_norm` on the parameters' gradients followed by
+    :func:`clip_grads_with_norm_` with the norm it returns: every gradient on every rank is
+    multiplied by the same coefficient ``min(max_norm / (total_norm + 1e-6), 1)``.
+
+    Args:
+        parameters: an ``nn.Module``, a Tensor or any iterable of Tensors (a generator is
+            consumed once and still clipped).  Parameters whose ``.grad`` is None are skipped.
+        max_norm: the largest allowed global norm; must be >= 0.
+        norm_type, error_if_nonfinite, foreach, group, replica_group: as in :func:`get_total_norm`.
+
+    Returns:
+        The global norm of the gradients *before* clipping (plain 0-dim tensor, identical on
+        every rank).  No host-device sync unless ``error_if_nonfinite=True``.
+    """
+    max_norm = check_max_norm(max_norm)
+    pnorm = PNorm.parse(norm_type)
+    parameters = _tensor_list(parameters, "parameters")
+    grads = [p.grad for p in parameters if p.grad is not None]
+    total, invalid, local_tensors = _global_norm(
+        grads, pnorm, error_if_nonfinite, foreach, group, replica_group
+    )
+    if local_tensors:
+        # A problem reported by another rank that could not be raised here without a sync
+        # leaves the gradients as they are rather than scaling them by NaN.
+        coefficient = torch.where(invalid.to(total.device), 1.0, clip_coefficient(max_norm, total))
+        scale_(local_tensors, coefficient, foreach)
+    return total

@@ -1,0 +1,111 @@
+"""Local partials: this rank's contribution to the global p-norm, from the elements it owns.
+
+For a finite ``p > 0`` the global norm is ``(sum over ranks of S_r) ** (1/p)`` with
+``S_r = sum |x|**p`` over the elements rank r owns; for ``p = 0`` it is the sum of the nonzero
+counts; for ``p = inf`` (``-inf``) the max (min) of the ranks' max (min) of ``|x|``.  A partial is
+therefore *additive* (or max/min-able) and one all-reduce combines them.
+
+Per-tensor norms come from ``torch._foreach_norm`` grouped by (device, dtype), accumulated in
+float32 (float64 for float64 gradients) so fp16/bf16 gradients can neither overflow nor lose the
+norm; they are raised to the p-th power and summed in float64, where ``|x|**p`` cannot overflow
+for any norm float32 can represent.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Sequence, Union
+
+import torch
+from torch import Tensor
+from torch.utils._foreach_utils import (
+    _device_has_foreach_support,
+    _group_tensors_by_device_and_dtype,
+    _has_foreach_support,
+)
+
+
+@dataclass(frozen=True)
+class PNorm:
+    """A norm type: any float ``p > 0``, ``0`` (nonzero count), ``inf`` or ``-inf``."""
+
+    p: float
+
+    @staticmethod
+    def parse(norm_type: Union[float, int, str]) -> "PNorm":
+        """Accept what ``torch.nn.utils.clip_grad_norm_`` accepts (``'inf'`` included).
+
+        Raises ValueError for anything else: a negative finite ``p`` or NaN has no norm.
+        """
+        try:
+            p = float(norm_type)
+        except (TypeError, ValueError):
+            raise ValueError(
+                f"distclip: unknown norm_type {norm_type!r}; use a float p > 0, 0, inf or -inf"
+            ) from None
+        if math.isnan(p) or (p < 0 and p != -math.inf):
+            raise ValueError(
+                f"distclip: unknown norm_type {norm_type!r}; use a float p > 0, 0, inf or -inf"
+            )
+        return PNorm(p)
+
+    @property
+    def reduce_op(self) -> str:
+        """How partials of different ranks combine: 'sum', 'max' or 'min'."""
+        return "max" if self.p == math.inf else "min" if self.p == -math.inf else "sum"
+
+    @property
+    def identity(self) -> float:
+        """The partial of a rank that owns no element."""
+        return math.inf if self.p == -math.inf else 0.0
+
+    def partial_of_norms(self, norms: Tensor) -> Tensor:
+        """Per-tensor norms (1-D) -> one partial in float64 (p-th powers summed, or max/min)."""
+        norms = norms.to(torch.float64)
+        if self.reduce_op == "max":
+            return norms.amax()
+        if self.reduce_op == "min":
+            return norms.amin()
+        return norms.sum() if self.p == 0 else norms.pow(self.p).sum()
+
+    def merge(self, partials: Sequence[Tensor], device: torch.device) -> Tensor:
+        """Combine partials (from different devices/dtypes) into one on ``device``."""
+        if not partials:
+            return torch.full((), self.identity, dtype=torch.float64, device=device)
+        stacked = torch.stack([partial.to(device) for partial in partials])
+        op = self.reduce_op
+        return stacked.amax() if op == "max" else stacked.amin() if op == "min" else stacked.sum()
+
+    def finish(self, combined: Tensor) -> Tensor:
+        """The global partial -> the norm."""
+        if self.reduce_op == "sum" and self.p != 0:
+            return combined.pow(1.0 / self.p)
+        return combined
+
+
+def use_foreach(foreach: bool | None, tensors: list[Tensor], device: torch.device) -> bool:
+    """torch's rule: None picks foreach where supported; True where unsupported is an error."""
+    if foreach is None:
+        return _has_foreach_support(tensors, device)
+    if foreach and not _device_has_foreach_support(device):
+        raise RuntimeError(
+            f"foreach=True was passed, but can't use the foreach API on {device.type} tensors"
+        )
+    return foreach
+
+
+def local_partial(
+    pieces: list[Tensor], pnorm: PNorm, foreach: bool | None, device: torch.device
+) -> Tensor:
+    """This rank's partial (0-dim float64 on ``device``) over the owned ``pieces``."""
+    partials = []
+    grouped = _group_tensors_by_device_and_dtype([pieces])
+    for (piece_device, dtype), ([tensors], _) in grouped.items():
+        accumulate = torch.float64 if dtype == torch.float64 else torch.float32
+        if use_foreach(foreach, tensors, piece_device):
+            norms = torch._foreach_norm(tensors, pnorm.p, dtype=accumulate)
+        else:
+            norms = [torch.linalg.vector_norm(t, pnorm.p, dtype=accumulate) for t in tensors]
+        partials.append(pnorm.partial_of_norms(torch.stack(norms)))
+    return pnorm.merge(partials, device)

@@ -1,0 +1,41 @@
+"""The coefficient and the in-place scaling of every local gradient."""
+
+from __future__ import annotations
+
+import math
+from typing import Sequence
+
+import torch
+from torch import Tensor
+from torch.utils._foreach_utils import _group_tensors_by_device_and_dtype
+
+from distclip.partials import use_foreach
+
+
+def check_max_norm(max_norm: float) -> float:
+    """``max_norm`` as a float; ValueError when negative or NaN (it would flip or destroy grads)."""
+    value = float(max_norm)
+    if math.isnan(value) or value < 0:
+        raise ValueError(f"distclip: max_norm must be a non-negative number, got {max_norm!r}")
+    return value
+
+
+def clip_coefficient(max_norm: float, total_norm: Tensor) -> Tensor:
+    """``min(max_norm / (total_norm + 1e-6), 1)``, torch's coefficient, on total_norm's device.
+
+    Clamping instead of ``if coef < 1`` keeps the host from waiting for the device.
+    """
+    return torch.clamp(max_norm / (total_norm + 1e-6), max=1.0)
+
+
+def scale_(tensors: Sequence[Tensor], coefficient: Tensor, foreach: bool | None = None) -> None:
+    """Multiply every tensor in place by the 0-dim ``coefficient``, one foreach call per
+    (device, dtype); the coefficient is copied once to each device."""
+    grouped = _group_tensors_by_device_and_dtype([list(tensors)])
+    for (device, _), ([device_tensors], _) in grouped.items():
+        device_coefficient = coefficient.to(device)
+        if use_foreach(foreach, device_tensors, device):
+            torch._foreach_mul_(device_tensors, device_coefficient)
+        else:
+            for tensor in device_tensors:
+                tensor.mul_(device_coefficient)

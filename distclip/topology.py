@@ -1,0 +1,136 @@
+"""Who takes part: the process group that combines partials, the replica group, the reduction device.
+
+``group`` is the set of ranks whose partial norms are summed into the global norm (every rank that
+holds a piece of the model).  ``replica_group`` is the set of ranks across which *plain*
+(non-DTensor) gradients are identical copies: all of ``group`` for DDP, a pipeline stage's
+data-parallel group for PP, a one-rank group when nothing is replicated.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Union
+
+import torch
+import torch.distributed as dist
+from torch.distributed.device_mesh import DeviceMesh
+
+GroupLike = Union[dist.ProcessGroup, DeviceMesh, None]
+
+# Backends that serve only CPU tensors natively; an accelerator tensor handed to them is staged
+# through host memory, so the reduction vector stays on the CPU for them.
+_HOST_BACKENDS = ("gloo", "mpi")
+
+
+@dataclass(frozen=True)
+class Topology:
+    """The ranks one clipping call talks to, resolved once from ``group`` and ``replica_group``.
+
+    ``process_group`` is None when there is nothing to communicate (``torch.distributed`` not
+    initialized, or a one-rank group); then ``group_ranks == replica_ranks == (rank,)``.
+    """
+
+    process_group: dist.ProcessGroup | None
+    rank: int
+    group_ranks: tuple[int, ...]
+    replica_ranks: tuple[int, ...]
+
+    @property
+    def communicates(self) -> bool:
+        return self.process_group is not None
+
+
+def _as_process_group(group: GroupLike, argument: str) -> dist.ProcessGroup:
+    if isinstance(group, DeviceMesh):
+        if group.ndim != 1:
+            raise ValueError(
+                f"distclip: `{argument}` must be a ProcessGroup or a 1-D DeviceMesh, "
+                f"got a {group.ndim}-D DeviceMesh {group}; pass mesh[dim_name] instead"
+            )
+        return group.get_group()
+    if not isinstance(group, dist.ProcessGroup):
+        raise ValueError(
+            f"distclip: `{argument}` must be a ProcessGroup, a 1-D DeviceMesh or None, "
+            f"got {type(group).__name__}"
+        )
+    return group
+
+
+def resolve_topology(group: GroupLike = None, replica_group: GroupLike = None) -> Topology:
+    """Resolve the ``group`` / ``replica_group`` arguments of the public functions.
+
+    Raises ValueError at once (before any communication) for arguments that every rank passes
+    alike: a group given while ``torch.distributed`` is not initialized, a rank calling with a
+    group it is not a member of, a multi-dimensional mesh.
+    """
+    initialized = dist.is_available() and dist.is_initialized()
+    if not initialized:
+        if group is not None or replica_group is not None:
+            raise ValueError(
+                "distclip: `group`/`replica_group` was given but torch.distributed is not initialized"
+            )
+        return Topology(None, 0, (0,), (0,))
+
+    rank = dist.get_rank()
+    process_group = _as_process_group(
+        group if group is not None else dist.group.WORLD, "group"
+    )
+    group_ranks = tuple(dist.get_process_group_ranks(process_group))
+    if rank not in group_ranks:
+        raise ValueError(
+            f"distclip: rank {rank} called with a `group` it is not a member of ({list(group_ranks)})"
+        )
+    if replica_group is None:
+        replica_ranks = group_ranks
+    else:
+        replica_ranks = tuple(
+            dist.get_process_group_ranks(_as_process_group(replica_group, "replica_group"))
+        )
+    if len(group_ranks) == 1:
+        process_group = None
+    return Topology(process_group, rank, group_ranks, replica_ranks)
+
+
+def _backend_device_types(process_group: dist.ProcessGroup) -> dict[str, str]:
+    """Map device type -> backend name, e.g. {'cpu': 'gloo', 'cuda': 'nccl'}."""
+    config = dist.get_backend_config(process_group)
+    if ":" not in config:  # older releases report just the backend name
+        return {"cpu" if config in _HOST_BACKENDS else "cuda": config}
+    return dict(entry.split(":", 1) for entry in config.split(","))
+
+
+def _current_accelerator() -> torch.device | None:
+    """This process's current accelerator device (with its index), or None."""
+    if hasattr(torch, "accelerator"):  # torch >= 2.6
+        accelerator = torch.accelerator.current_accelerator()
+        if accelerator is None:
+            return None
+        module = getattr(torch, accelerator.type)
+        return torch.device(accelerator.type, module.current_device())
+    if torch.cuda.is_available():
+        return torch.device("cuda", torch.cuda.current_device())
+    return None
+
+
+def reduction_device(topology: Topology, fallback: torch.device) -> torch.device:
+    """The device the reduction vector lives on for the collective.
+
+    Every rank of the group must pick the same device type, so the choice depends on the
+    backend only, never on where this rank's gradients happen to live: an accelerator served by
+    a native backend (NCCL, XCCL, ...) when there is one, else the CPU.  Gradients elsewhere (CPU
+    offload, mixed devices) keep their partials local; only the small vector moves.
+    Without communication, ``fallback`` (the gradients' own device) is used.
+    """
+    if not topology.communicates:
+        return fallback
+    served = _backend_device_types(topology.process_group)
+    accelerator = _current_accelerator()
+    if accelerator is not None and served.get(accelerator.type, "gloo") not in _HOST_BACKENDS:
+        return accelerator
+    if "cpu" in served:
+        return torch.device("cpu")
+    raise ValueError(
+        f"distclip: the backend of `group` ({dist.get_backend_config(topology.process_group)}) "
+        f"serves no device available here ({'no accelerator' if accelerator is None else accelerator.type}), "
+        "so no tensor can carry the norm; use a gloo group or one whose device is present"
+    )

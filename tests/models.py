@@ -1,0 +1,40 @@
+"""Small models and data shared by the distributed tests (imported on every rank)."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+NORM_TYPES = [2.0, 1.0, 3.0, 0.5, 0.0, float("inf"), float("-inf")]
+
+
+class MLP(nn.Module):
+    """A few layers of uneven sizes, one smaller than any world size (a 1-element bias)."""
+
+    def __init__(self, width: int = 16, depth: int = 3) -> None:
+        super().__init__()
+        self.layers = nn.ModuleList(nn.Linear(width, width) for _ in range(depth))
+        self.norm = nn.LayerNorm(width)
+        self.head = nn.Linear(width, 1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        for layer in self.layers:
+            x = torch.tanh(layer(x))
+        return self.head(self.norm(x))
+
+
+def build(model_cls=MLP, seed: int = 0, **kwargs) -> nn.Module:
+    torch.manual_seed(seed)
+    return model_cls(**kwargs)
+
+
+def batch(rank: int, width: int = 16, rows: int = 8, seed: int = 1234) -> torch.Tensor:
+    """A batch that differs per rank, so data-parallel grads differ before their reduction."""
+    generator = torch.Generator().manual_seed(seed + rank)
+    return torch.randn(rows, width, generator=generator) * 3
+
+
+def backward(model: nn.Module, x: torch.Tensor) -> None:
+    out = model(x)
+    out = out.full_tensor() if hasattr(out, "full_tensor") else out
+    (out.float() ** 2).mean().backward()

@@ -1,0 +1,107 @@
+"""Rank-side helpers: float64 references from the full, unsharded gradients, and checks.
+
+Gradients are identified by name: copies of one tensor (DDP replicas, TP-replicated params) carry
+the same name on every rank, different tensors (pipeline stages, experts) different names.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+
+import torch
+import torch.distributed as dist
+from torch.distributed.tensor import DTensor
+from torch.profiler import ProfilerActivity, profile
+
+import distclip
+
+
+def full_grads(named_grads) -> dict[str, torch.Tensor]:
+    """Every rank's gradients, unsharded (DTensor.full_tensor) and gathered, by name, in float64.
+
+    Copies must agree bitwise: that is what makes them copies.  Collective over WORLD.
+    """
+    mine = {}
+    for name, grad in named_grads:
+        if grad is None:
+            continue
+        full = grad.full_tensor() if isinstance(grad, DTensor) else grad
+        mine[name] = full.detach().to(torch.float64).cpu()
+    gathered = [None] * dist.get_world_size()
+    dist.all_gather_object(gathered, mine)
+    merged: dict[str, torch.Tensor] = {}
+    for per_rank in gathered:
+        for name, tensor in per_rank.items():
+            if name in merged:
+                assert torch.equal(merged[name], tensor), f"copies of {name} differ across ranks"
+            merged[name] = tensor
+    return merged
+
+
+def named_param_grads(named_parameters):
+    return [(name, p.grad) for name, p in named_parameters]
+
+
+def reference_norm(full: dict[str, torch.Tensor], norm_type: float) -> float:
+    """The float64 norm of all gradient elements laid end to end (0 when there are none)."""
+    if not full:
+        return 0.0
+    flat = torch.cat([t.flatten() for t in full.values()])
+    if flat.numel() == 0:
+        return 0.0
+    return torch.linalg.vector_norm(flat, float(norm_type)).item()
+
+
+@contextlib.contextmanager
+def collectives():
+    """Count the gloo collectives issued inside the block: ``with collectives() as count: ...``."""
+    counter = []
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        yield counter
+    counter.extend(e.name for e in prof.events() if e.name.startswith("gloo:"))
+
+
+def assert_close_norm(actual: float, expected: float, norm_type: float, rtol: float = 1e-5) -> None:
+    if math.isnan(expected):
+        assert math.isnan(actual), (actual, expected)
+        return
+    # max/min/count are exact: no rounding may hide an element counted twice or left out.
+    exact = float(norm_type) in (0.0, math.inf, -math.inf)
+    tolerance = 0.0 if exact else rtol * abs(expected)
+    assert abs(actual - expected) <= tolerance, (
+        f"norm {actual!r} != reference {expected!r} (p={norm_type}, ratio {actual / expected if expected else 'n/a'})"
+    )
+
+
+def clip_and_check(named_parameters, norm_type, *, max_norm=None, rtol=1e-5, **kwargs) -> dict:
+    """Clip with distclip and check it against the float64 reference from the full gradients.
+
+    Checks: the returned norm equals the reference; it is a plain 0-dim tensor; the gradients
+    after clipping equal reference * coefficient.  Returns what must agree across ranks.
+    """
+    named_parameters = list(named_parameters)
+    before = full_grads(named_param_grads(named_parameters))
+    expected = reference_norm(before, norm_type)
+    if max_norm is None:
+        max_norm = 0.5 * expected if math.isfinite(expected) and expected > 0 else 1.0
+    with collectives() as issued:
+        total = distclip.clip_grad_norm_(
+            [p for _, p in named_parameters], max_norm, norm_type, **kwargs
+        )
+    assert type(total) is torch.Tensor and total.dim() == 0, type(total)
+    assert_close_norm(total.item(), expected, norm_type, rtol)
+
+    after = full_grads(named_param_grads(named_parameters))
+    coefficient = min(max_norm / (total.double().item() + 1e-6), 1.0)
+    for name, grad in before.items():
+        torch.testing.assert_close(after[name], grad * coefficient, rtol=max(rtol, 1e-5), atol=1e-7)
+    return {"norm": total.item().hex(), "dtype": str(total.dtype), "collectives": issued}
+
+
+def assert_same_on_all_ranks(results: list[dict]) -> None:
+    """Every rank returned the same norm, bit for bit, from exactly one collective."""
+    norms = {r["norm"] for r in results}
+    assert len(norms) == 1, f"norm differs across ranks: {norms}"
+    for rank, r in enumerate(results):
+        assert r["collectives"] == ["gloo:all_reduce"], f"rank {rank} issued {r['collectives']}"
