@@ -100,7 +100,7 @@ def local_partial(
 ) -> Tensor:
     """This rank's partial (0-dim float64 on ``device``) over the owned ``pieces``."""
     partials = []
-    grouped = _group_tensors_by_device_and_dtype([pieces])
+    grouped = _group_tensors_by_device_and_dtype([pieces]) if pieces else {}
     for (piece_device, dtype), ([tensors], _) in grouped.items():
         accumulate = torch.float64 if dtype == torch.float64 else torch.float32
         if use_foreach(foreach, tensors, piece_device):

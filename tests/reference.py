@@ -77,14 +77,22 @@ def assert_close_norm(actual: float, expected: float, norm_type: float, rtol: fl
 def clip_and_check(named_parameters, norm_type, *, max_norm=None, rtol=1e-5, **kwargs) -> dict:
     """Clip with distclip and check it against the float64 reference from the full gradients.
 
-    Checks: the returned norm equals the reference; it is a plain 0-dim tensor; the gradients
-    after clipping equal reference * coefficient.  Returns what must agree across ranks.
+    Checks: the returned norm equals the reference; it is a plain 0-dim tensor; each tensor's
+    own norm equals its reference; the gradients after clipping equal reference * coefficient.
+    Returns what must agree across ranks.
     """
     named_parameters = list(named_parameters)
     before = full_grads(named_param_grads(named_parameters))
     expected = reference_norm(before, norm_type)
     if max_norm is None:
         max_norm = 0.5 * expected if math.isfinite(expected) and expected > 0 else 1.0
+    # Per tensor too, so that a small tensor counted twice cannot hide in a large total.  Every
+    # rank calls once per name of the whole model, holding the tensor or not.
+    mine = {name: p.grad for name, p in named_parameters if p.grad is not None}
+    for name in sorted(before):
+        alone = distclip.get_total_norm([mine[name]] if name in mine else [], norm_type, **kwargs)
+        assert_close_norm(alone.item(), reference_norm({name: before[name]}, norm_type), norm_type, rtol)
+
     with collectives() as issued:
         total = distclip.clip_grad_norm_(
             [p for _, p in named_parameters], max_norm, norm_type, **kwargs

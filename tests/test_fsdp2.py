@@ -1,0 +1,42 @@
+"""FSDP2 (fully_shard) and HSDP: shards are summed, replicas counted once."""
+
+import pytest
+import torch.distributed as dist
+from torch.distributed.device_mesh import init_device_mesh
+from torch.distributed.fsdp import fully_shard
+
+from models import NORM_TYPES, backward, batch, build
+from reference import assert_same_on_all_ranks, clip_and_check
+
+
+def _shard(model, mesh):
+    for layer in model.layers:
+        fully_shard(layer, mesh=mesh)
+    return fully_shard(model, mesh=mesh)
+
+
+def _fsdp2_clip(norm_type):
+    model = _shard(build(), init_device_mesh("cpu", (dist.get_world_size(),)))
+    backward(model, batch(dist.get_rank()))
+    assert model.head.bias.grad.numel() == 1  # smaller than the world: empty shards exist
+    return clip_and_check(model.named_parameters(), norm_type)
+
+
+@pytest.mark.parametrize("world_size", [2, 4])
+@pytest.mark.parametrize("norm_type", NORM_TYPES)
+def test_fsdp2_norm_equals_full_gradient_norm(ranks, world_size, norm_type):
+    assert_same_on_all_ranks(ranks(world_size).run(_fsdp2_clip, norm_type))
+
+
+def _hsdp_clip(norm_type, shape):
+    mesh = init_device_mesh("cpu", shape, mesh_dim_names=("replicate", "shard"))
+    model = _shard(build(), mesh)
+    backward(model, batch(dist.get_rank()))
+    return clip_and_check(model.named_parameters(), norm_type)
+
+
+@pytest.mark.parametrize("shape", [(2, 1), (2, 2), (1, 4)], ids=str)
+@pytest.mark.parametrize("norm_type", NORM_TYPES)
+def test_hsdp_counts_each_replica_once(ranks, shape, norm_type):
+    world_size = shape[0] * shape[1]
+    assert_same_on_all_ranks(ranks(world_size).run(_hsdp_clip, norm_type, shape))
