@@ -1,0 +1,130 @@
+"""Bad input: a clear error on every rank together, no hang, no gradient touched."""
+
+import math
+
+import pytest
+import torch
+import torch.distributed as dist
+from torch import nn
+from torch.distributed.device_mesh import init_device_mesh
+from torch.distributed.tensor import DTensor, Partial, Shard, distribute_tensor
+
+import distclip
+from reference import collectives
+
+
+def _params(rank, n=3):
+    torch.manual_seed(rank)
+    params = [nn.Parameter(torch.randn(4, 3)) for _ in range(n)]
+    for p in params:
+        p.grad = torch.randn(4, 3)
+    return params
+
+
+def _grads(params):
+    return [p.grad.clone() if not isinstance(p.grad, DTensor) else p.grad.to_local().clone() for p in params]
+
+
+def _assert_untouched(params, before):
+    for p, b in zip(params, before):
+        local = p.grad.to_local() if isinstance(p.grad, DTensor) else p.grad
+        torch.testing.assert_close(local, b, rtol=0, atol=0, equal_nan=True)
+
+
+def _bad_arguments():
+    params = _params(dist.get_rank())
+    before = _grads(params)
+    with collectives() as issued:
+        for max_norm in (-1.0, math.nan):
+            with pytest.raises(ValueError, match="max_norm"):
+                distclip.clip_grad_norm_(params, max_norm)
+        for norm_type in (-1.0, math.nan, "fro"):
+            with pytest.raises(ValueError, match="norm_type"):
+                distclip.clip_grad_norm_(params, 1.0, norm_type)
+            with pytest.raises(ValueError, match="norm_type"):
+                distclip.get_total_norm([p.grad for p in params], norm_type)
+    assert issued == [], issued  # argument errors are raised before any communication
+    _assert_untouched(params, before)
+
+
+def test_bad_max_norm_or_norm_type_raises_value_error_on_every_rank(ranks):
+    ranks(2).run(_bad_arguments)
+
+
+def _mesh_outside_group():
+    world = init_device_mesh("cpu", (dist.get_world_size(),))
+    pair, _ = dist.new_subgroups(group_size=2)
+    param = nn.Parameter(distribute_tensor(torch.ones(8), world, [Shard(0)]))
+    param.grad = distribute_tensor(torch.arange(8.0), world, [Shard(0)])
+    before = _grads([param])
+    with pytest.raises(ValueError, match="holds ranks outside `group`"):
+        distclip.clip_grad_norm_([param], 1.0, group=pair)
+    _assert_untouched([param], before)
+
+
+def test_dtensor_on_a_mesh_beyond_group_raises_on_every_rank(ranks):
+    ranks(4).run(_mesh_outside_group)
+
+
+def _partial_on_some_ranks(everywhere):
+    # Rank 0 (or every rank) holds a gradient with a pending reduction on its own one-rank mesh;
+    # the others hold plain gradients and cannot see the problem themselves.
+    own = init_device_mesh("cpu", (dist.get_world_size(), 1), mesh_dim_names=("all", "own"))["own"]
+    params = _params(dist.get_rank())
+    if everywhere or dist.get_rank() == 0:
+        params[0].grad = DTensor.from_local(params[0].grad, own, [Partial()])
+    before = _grads(params)
+    with pytest.raises(ValueError, match="Partial placement"):
+        distclip.clip_grad_norm_(params, 0.1)
+    _assert_untouched(params, before)
+
+
+@pytest.mark.parametrize("everywhere", [True, False], ids=["on-every-rank", "on-one-rank"])
+def test_partial_gradient_raises_on_every_rank(ranks, everywhere):
+    ranks(2).run(_partial_on_some_ranks, everywhere)
+
+
+def _replica_group_outside_group():
+    pair, _ = dist.new_subgroups(group_size=2)
+    params = _params(dist.get_rank())
+    before = _grads(params)
+    with pytest.raises(ValueError, match="replica_group"):
+        distclip.clip_grad_norm_(params, 0.1, group=pair, replica_group=dist.group.WORLD)
+    _assert_untouched(params, before)
+
+
+def test_replica_group_outside_group_raises_on_every_rank(ranks):
+    ranks(4).run(_replica_group_outside_group)
+
+
+def _nonfinite_on_one_shard(norm_type, value, error_if_nonfinite):
+    mesh = init_device_mesh("cpu", (dist.get_world_size(),))
+    torch.manual_seed(0)
+    param = nn.Parameter(distribute_tensor(torch.randn(8, 2), mesh, [Shard(0)]))
+    grad = torch.randn(8, 2)
+    if dist.get_rank() == 1:
+        grad[-1, 1] = value  # in rank 1's shard
+    param.grad = DTensor.from_local(grad.chunk(dist.get_world_size())[dist.get_rank()].clone(), mesh, [Shard(0)])
+    before = _grads([param])
+    if error_if_nonfinite:
+        with pytest.raises(RuntimeError, match="non-finite"):
+            distclip.clip_grad_norm_([param], 1.0, norm_type, error_if_nonfinite=True)
+        _assert_untouched([param], before)
+        return None
+    return repr(distclip.clip_grad_norm_([param], 1.0, norm_type).item())
+
+
+@pytest.mark.parametrize("norm_type", [2.0, 1.0, math.inf, -math.inf])
+def test_nan_on_one_rank_shard_reaches_every_rank(ranks, norm_type):
+    # MAX/MIN all-reduces may drop NaN; the NaN flag carried in the same vector restores it.
+    assert ranks(2).run(_nonfinite_on_one_shard, norm_type, math.nan, False) == ["nan", "nan"]
+
+
+@pytest.mark.parametrize("norm_type", [2.0, math.inf])
+def test_inf_on_one_rank_shard_gives_inf_on_every_rank(ranks, norm_type):
+    assert ranks(2).run(_nonfinite_on_one_shard, norm_type, math.inf, False) == ["inf", "inf"]
+
+
+@pytest.mark.parametrize("norm_type", [2.0, math.inf, -math.inf])
+def test_error_if_nonfinite_raises_on_every_rank(ranks, norm_type):
+    ranks(2).run(_nonfinite_on_one_shard, norm_type, math.nan, True)

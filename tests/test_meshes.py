@@ -1,0 +1,56 @@
+"""Gradients on several DeviceMeshes mixed with plain tensors in one call (FSDP2 + EP style)."""
+
+import pytest
+import torch
+import torch.distributed as dist
+from torch import nn
+from torch.distributed.device_mesh import init_device_mesh
+from torch.distributed.tensor import Replicate, Shard, distribute_tensor
+
+from models import NORM_TYPES
+from reference import assert_same_on_all_ranks, clip_and_check
+
+
+def _parameter(shape, mesh=None, placements=None, seed=0):
+    generator = torch.Generator().manual_seed(seed)
+    value, grad = torch.randn(shape, generator=generator), torch.randn(shape, generator=generator)
+    if mesh is None:
+        param = nn.Parameter(value)
+        param.grad = grad
+        return param
+    param = nn.Parameter(distribute_tensor(value, mesh, placements))
+    param.grad = distribute_tensor(grad, mesh, placements)
+    return param
+
+
+def _mixed_meshes_clip(norm_type, dp, ep):
+    world = init_device_mesh("cpu", (dp * ep,), mesh_dim_names=("world",))
+    root = init_device_mesh("cpu", (dp, ep), mesh_dim_names=("dp", "ep"))
+    named = [
+        ("dense", _parameter((12, 5), world, [Shard(0)], seed=1)),
+        ("experts", _parameter((4, 6, 3), root, [Replicate(), Shard(0)], seed=2)),
+        ("expert_bias", _parameter((4, 3), root, [Shard(1), Shard(0)], seed=3)),
+        ("router", _parameter((6,), root["ep"], [Replicate()], seed=4)),
+        ("shared", _parameter((5, 3), root["dp"], [Shard(0)], seed=5)),
+        ("plain", _parameter((7,), seed=6)),
+    ]
+    return clip_and_check(named, norm_type)
+
+
+@pytest.mark.parametrize("shape", [(1, 2), (2, 1), (2, 2)], ids=str)
+@pytest.mark.parametrize("norm_type", NORM_TYPES)
+def test_several_meshes_and_plain_tensors_in_one_call(ranks, shape, norm_type):
+    results = ranks(shape[0] * shape[1]).run(_mixed_meshes_clip, norm_type, *shape)
+    assert_same_on_all_ranks(results)
+
+
+def _uneven_shards_clip(norm_type):
+    mesh = init_device_mesh("cpu", (dist.get_world_size(),))
+    named = [(f"p{n}", _parameter((n, 3), mesh, [Shard(0)], seed=n)) for n in (1, 2, 3, 5)]
+    named.append(("empty", _parameter((0, 4), mesh, [Shard(0)], seed=9)))
+    return clip_and_check(named, norm_type)
+
+
+@pytest.mark.parametrize("norm_type", NORM_TYPES)
+def test_uneven_and_empty_shards(ranks, norm_type):
+    assert_same_on_all_ranks(ranks(4).run(_uneven_shards_clip, norm_type))
