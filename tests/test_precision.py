@@ -1,0 +1,46 @@
+"""Half-precision gradients: accumulated in float32, reduced in float64, never overflowing."""
+
+import pytest
+import torch
+import torch.distributed as dist
+from torch import nn
+from torch.distributed.device_mesh import init_device_mesh
+from torch.distributed.tensor import Shard, distribute_tensor
+
+import distclip
+from models import NORM_TYPES
+from reference import assert_same_on_all_ranks, clip_and_check
+
+
+def test_fp16_gradients_whose_norm_exceeds_fp16_range_do_not_overflow():
+    grads = [torch.full((100, 100), 1000.0, dtype=torch.float16)]  # norm 1e5 > fp16 max 65504
+    assert torch.nn.utils.get_total_norm(grads).isinf()  # what torch gives
+    assert distclip.get_total_norm(grads).item() == pytest.approx(1e5, rel=1e-5)
+
+
+def test_large_p_does_not_overflow_the_sum_of_powers():
+    grads = [torch.full((1000,), 1e4), torch.full((10,), 3e4)]  # |x|**8 ~ 1e36..1e32 per element
+    reference = torch.linalg.vector_norm(torch.cat(grads).double(), 8.0).item()
+    assert distclip.get_total_norm(grads, 8.0).item() == pytest.approx(reference, rel=1e-6)
+
+
+def _bf16_sharded_clip(norm_type):
+    mesh = init_device_mesh("cpu", (dist.get_world_size(),))
+    named = []
+    for i, shape in enumerate([(64, 33), (17,), (5, 5, 5)]):
+        generator = torch.Generator().manual_seed(i)
+        full = (torch.randn(shape, generator=generator) * 10).to(torch.bfloat16)
+        param = nn.Parameter(distribute_tensor(full.clone(), mesh, [Shard(0)]))
+        param.grad = distribute_tensor(full, mesh, [Shard(0)])
+        named.append((f"p{i}", param))
+    result = clip_and_check(named, norm_type, rtol=1e-5, clipped_rtol=2**-8)
+    assert result["dtype"] == "torch.float32"
+    return result
+
+
+@pytest.mark.parametrize("world_size", [2, 4])
+@pytest.mark.parametrize("norm_type", NORM_TYPES)
+def test_bf16_sharded_gradients_match_the_float64_reference(ranks, world_size, norm_type):
+    # Within float32 rounding of the float64 norm however the tensors are split: the norm of a
+    # bf16 model no longer depends on its sharding.
+    assert_same_on_all_ranks(ranks(world_size).run(_bf16_sharded_clip, norm_type))
