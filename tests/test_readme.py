@@ -1,0 +1,30 @@
+"""Every README snippet marked with a ``# torchrun --nproc-per-node=N file.py`` line runs."""
+
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+README = Path(__file__).resolve().parent.parent / "README.md"
+SNIPPET = re.compile(r"```python\n# torchrun --nproc-per-node=(\d+) (\S+)\n(.*?)```", re.S)
+SNIPPETS = {name: (int(n), code) for n, name, code in SNIPPET.findall(README.read_text())}
+
+
+def test_readme_has_a_snippet_per_parallelism():
+    assert {"ddp.py", "fsdp2.py", "hsdp.py", "fsdp_tp.py", "pipeline.py", "experts.py"} <= set(SNIPPETS)
+
+
+@pytest.mark.parametrize("name", sorted(SNIPPETS))
+def test_readme_snippet_runs_under_torchrun(name, tmp_path):
+    nproc, code = SNIPPETS[name]
+    script = tmp_path / name
+    script.write_text(code)
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    result = subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}", str(script)],
+        capture_output=True, text=True, timeout=240, env=env, cwd=tmp_path,
+    )
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
