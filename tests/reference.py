@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import math
+import pickle
 
 import torch
 import torch.distributed as dist
@@ -15,6 +16,17 @@ from torch.distributed.tensor import DTensor
 from torch.profiler import ProfilerActivity, profile
 
 import distclip
+
+
+def gather_objects(obj) -> list:
+    """``dist.all_gather_object`` without its numpy dependency (CI has no numpy)."""
+    payload = torch.frombuffer(bytearray(pickle.dumps(obj)), dtype=torch.uint8)
+    sizes = [torch.zeros((), dtype=torch.int64) for _ in range(dist.get_world_size())]
+    dist.all_gather(sizes, torch.tensor(payload.numel()))
+    longest = max(int(s) for s in sizes)
+    buffers = [torch.empty(longest, dtype=torch.uint8) for _ in sizes]
+    dist.all_gather(buffers, torch.cat([payload, payload.new_zeros(longest - payload.numel())]))
+    return [pickle.loads(bytes(b[: int(s)].tolist())) for b, s in zip(buffers, sizes)]
 
 
 def full_grads(named_grads) -> dict[str, torch.Tensor]:
@@ -28,8 +40,7 @@ def full_grads(named_grads) -> dict[str, torch.Tensor]:
             continue
         full = grad.full_tensor() if isinstance(grad, DTensor) else grad
         mine[name] = full.detach().to(torch.float64).cpu()
-    gathered = [None] * dist.get_world_size()
-    dist.all_gather_object(gathered, mine)
+    gathered = gather_objects(mine)
     merged: dict[str, torch.Tensor] = {}
     for per_rank in gathered:
         for name, tensor in per_rank.items():
