@@ -14,11 +14,12 @@ import torch
 from torch import Tensor, nn
 from torch.distributed.tensor import DTensor
 
-from distclip.ownership import local_tensor, plan_ownership
+from distclip import fsdp1
+from distclip.ownership import Attribution, OwnershipError, local_tensor, plan_ownership
 from distclip.partials import PNorm, local_partial
 from distclip.reduction import all_reduce_partials, raise_problems
 from distclip.scaling import check_max_norm, clip_coefficient, scale_
-from distclip.topology import GroupLike, reduction_device, resolve_topology
+from distclip.topology import GroupLike, Topology, reduction_device, resolve_topology
 
 TensorOrTensors = Union[Tensor, Iterable[Tensor], nn.Module]
 
@@ -43,16 +44,35 @@ def _tensor_list(tensors: TensorOrTensors, what: str) -> list[Tensor]:
     return tensors
 
 
+def _gradients(
+    parameters: TensorOrTensors, topology: Topology
+) -> tuple[list[Tensor], dict[int, Attribution | OwnershipError]]:
+    """The gradients of ``parameters`` to count and scale, with what only FSDP1 knows of them."""
+    if isinstance(parameters, nn.Module) and fsdp1.has_units(parameters):
+        return fsdp1.module_gradients(parameters, topology)
+    grads: list[Tensor] = []
+    known: dict[int, Attribution | OwnershipError] = {}
+    for param in _tensor_list(parameters, "parameters"):
+        if param.grad is None:
+            continue
+        if fsdp1.is_flat_param(param):
+            try:
+                known[len(grads)] = fsdp1.flat_param_attribution(param, topology)
+            except OwnershipError as error:
+                known[len(grads)] = error
+        grads.append(param.grad)
+    return grads, known
+
+
 def _global_norm(
     grads: list[Tensor],
+    known: dict[int, Attribution | OwnershipError],
     pnorm: PNorm,
     error_if_nonfinite: bool,
     foreach: bool | None,
-    group: GroupLike,
-    replica_group: GroupLike,
+    topology: Topology,
 ) -> tuple[Tensor, Tensor, list[Tensor]]:
     """(total norm, invalid flag, local tensors) for this rank's ``grads``, one collective."""
-    topology = resolve_topology(group, replica_group)
     local_tensors = [local_tensor(g) for g in grads]
     out_device = local_tensors[0].device if local_tensors else None
     device = reduction_device(topology, fallback=out_device or torch.device("cpu"))
@@ -60,7 +80,7 @@ def _global_norm(
         torch.float64 if any(t.dtype == torch.float64 for t in local_tensors) else torch.float32
     )
 
-    ownership = plan_ownership(grads, topology)
+    ownership = plan_ownership(grads, topology, known)
     pieces = ownership.pieces(local_tensors)
     partial = local_partial(pieces, pnorm, foreach, device)
     reduced = all_reduce_partials(
@@ -117,10 +137,12 @@ def get_total_norm(
             rank's gradients ride the one all-reduce, so all ranks raise together.
     """
     pnorm = PNorm.parse(norm_type)
-    grads = _tensor_list(tensors, "tensors")
-    if grads and isinstance(tensors, nn.Module):
-        grads = [p.grad for p in grads if p.grad is not None]
-    total, _, _ = _global_norm(grads, pnorm, error_if_nonfinite, foreach, group, replica_group)
+    topology = resolve_topology(group, replica_group)
+    if isinstance(tensors, nn.Module):
+        grads, known = _gradients(tensors, topology)
+    else:
+        grads, known = _tensor_list(tensors, "tensors"), {}
+    total, _, _ = _global_norm(grads, known, pnorm, error_if_nonfinite, foreach, topology)
     return total
 
 
@@ -175,10 +197,10 @@ def clip_grad_norm_(
     """
     max_norm = check_max_norm(max_norm)
     pnorm = PNorm.parse(norm_type)
-    parameters = _tensor_list(parameters, "parameters")
-    grads = [p.grad for p in parameters if p.grad is not None]
+    topology = resolve_topology(group, replica_group)
+    grads, known = _gradients(parameters, topology)
     total, invalid, local_tensors = _global_norm(
-        grads, pnorm, error_if_nonfinite, foreach, group, replica_group
+        grads, known, pnorm, error_if_nonfinite, foreach, topology
     )
     if local_tensors:
         # A problem reported by another rank that could not be raised here without a sync

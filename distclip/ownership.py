@@ -19,7 +19,7 @@ from __future__ import annotations
 import enum
 import functools
 from dataclasses import dataclass, field
-from typing import Sequence
+from typing import Mapping, Sequence
 
 import torch
 from torch import Tensor
@@ -37,7 +37,10 @@ class Problem(enum.Enum):
     the spot: it rides the single all-reduce as a flag and every rank raises it together.
     """
 
-    MESH_OUTSIDE_GROUP = "a DTensor gradient lives on a DeviceMesh that holds ranks outside `group`"
+    MESH_OUTSIDE_GROUP = (
+        "a gradient is sharded or replicated over ranks outside `group` (a DTensor's DeviceMesh, "
+        "an FSDP1 process group)"
+    )
     PARTIAL_PLACEMENT = (
         "a DTensor gradient has a Partial placement (a pending reduction); its norm is not defined "
         "until it is reduced: redistribute it to Shard/Replicate before clipping"
@@ -89,100 +92,119 @@ def _parallel_slices(mesh_ranks: list[int], rank_space: list[int]) -> list[list[
     return slices
 
 
-@functools.lru_cache(maxsize=4096)
-def _dtensor_copy_set(
-    mesh: DeviceMesh, placements: tuple[Placement, ...], topology: Topology
+def shard_copy_set(
+    shard_group: list[int], same_shard: list[int], rank_space: list[int], topology: Topology
 ) -> tuple[int, ...]:
-    mesh_ranks_nd = mesh.mesh
-    mesh_ranks = mesh_ranks_nd.flatten().tolist()
-    outside = sorted(set(mesh_ranks) - set(topology.group_ranks))
+    """Copies of this rank's shard, for a tensor sharded over ``shard_group``.
+
+    ``shard_group`` lists the ranks of the tensor's mesh (or process group) in position order;
+    ``same_shard`` the positions that hold the same elements as this rank.  Ranks of
+    ``replica_group`` outside the group hold copies when they sit at those positions of a sibling
+    slice of ``rank_space`` (the root mesh, or `group`'s order).
+    """
+    outside = sorted(set(shard_group) - set(topology.group_ranks))
     if outside:
         raise OwnershipError(
             Problem.MESH_OUTSIDE_GROUP,
-            f"{mesh} holds ranks {outside} that are not in `group` {list(topology.group_ranks)}",
+            f"ranks {outside} of {shard_group} are not in `group` {list(topology.group_ranks)}",
         )
-    if any(p.is_partial() for p in placements):
-        raise OwnershipError(Problem.PARTIAL_PLACEMENT, f"placements {placements} on {mesh}")
-
-    # Positions in the mesh that hold the same shard as this rank: vary the Replicate dims only.
-    coordinate = mesh.get_coordinate()
-    same_shard = tuple(
-        slice(None) if isinstance(p, Replicate) else c for p, c in zip(placements, coordinate)
-    )
-    positions = torch.arange(len(mesh_ranks)).reshape(mesh_ranks_nd.shape)[same_shard]
-    positions = positions.flatten().tolist()
-    copies = {mesh_ranks[i] for i in positions}
-
+    copies = {shard_group[i] for i in same_shard}
     replicas = set(topology.replica_ranks)
-    if replicas <= set(mesh_ranks):
+    if replicas <= set(shard_group):
         return tuple(sorted(copies))  # no copies outside the mesh (FSDP, HSDP, a PP stage's mesh)
 
-    # Ranks of replica_group outside the mesh: line the sibling slices up through the root mesh
-    # (or, for a standalone mesh, through the order of `group`).
-    root_ranks = _root_mesh(mesh).mesh.flatten().tolist()
-    rank_space = root_ranks if replicas <= set(root_ranks) else list(topology.group_ranks)
     try:
-        slices = _parallel_slices(mesh_ranks, rank_space)
-    except ValueError:
+        slices = _parallel_slices(shard_group, rank_space)
+    except (KeyError, ValueError):
         slices = []
-    if mesh_ranks not in slices:
+    if shard_group not in slices:
         raise OwnershipError(
             Problem.UNKNOWN_CORRESPONDENCE,
-            f"{mesh} is not a slice of a mesh spanning `replica_group` {sorted(replicas)}",
+            f"{shard_group} is not a slice of a mesh spanning `replica_group` {sorted(replicas)}",
         )
     for sibling in slices:
-        if sibling == mesh_ranks:
+        if sibling == shard_group:
             continue
-        counterparts = [sibling[i] for i in positions]
+        counterparts = [sibling[i] for i in same_shard]
         in_replicas = [r in replicas for r in counterparts]
         if any(in_replicas) and not all(in_replicas):
             raise OwnershipError(
                 Problem.UNKNOWN_CORRESPONDENCE,
                 f"`replica_group` {sorted(replicas)} holds only part of the ranks {counterparts} "
-                f"that share a shard of a gradient on {mesh}",
+                f"that share a shard sharded over {shard_group}",
             )
         if all(in_replicas):
             copies.update(counterparts)
     return tuple(sorted(copies))
 
 
-def copy_set(grad: Tensor, topology: Topology) -> tuple[int, ...]:
-    """The sorted global ranks (this rank included) holding a copy of ``grad``'s local data.
+@functools.lru_cache(maxsize=4096)
+def _dtensor_copy_set(
+    mesh: DeviceMesh, placements: tuple[Placement, ...], topology: Topology
+) -> tuple[int, ...]:
+    if any(p.is_partial() for p in placements):
+        raise OwnershipError(Problem.PARTIAL_PLACEMENT, f"placements {placements} on {mesh}")
+    mesh_ranks = mesh.mesh.flatten().tolist()
+    # Positions in the mesh that hold the same shard as this rank: vary the Replicate dims only.
+    coordinate = mesh.get_coordinate()
+    same_shard = tuple(
+        slice(None) if isinstance(p, Replicate) else c for p, c in zip(placements, coordinate)
+    )
+    positions = torch.arange(len(mesh_ranks)).reshape(mesh.mesh.shape)[same_shard]
+    # Sibling slices line up through the root mesh, or, for a standalone mesh, through `group`.
+    root_ranks = _root_mesh(mesh).mesh.flatten().tolist()
+    rank_space = root_ranks if set(topology.replica_ranks) <= set(root_ranks) else list(topology.group_ranks)
+    return shard_copy_set(mesh_ranks, positions.flatten().tolist(), rank_space, topology)
 
-    Raises OwnershipError for a gradient whose elements cannot be attributed.
+
+@dataclass(frozen=True)
+class Attribution:
+    """How one local gradient tensor relates to the model.
+
+    ``copies``: the sorted ranks (this one included) holding a bitwise copy of it.
+    ``ranges``: the ``(start, stop)`` ranges of its flattened elements that are model elements;
+    None means all of them (FSDP1 flat gradients also hold alignment and tail padding).
     """
+
+    copies: tuple[int, ...]
+    ranges: tuple[tuple[int, int], ...] | None = None
+
+
+def attribute(grad: Tensor, topology: Topology) -> Attribution:
+    """The Attribution of a DTensor or plain gradient.  Raises OwnershipError."""
     if isinstance(grad, DTensor):
-        return _dtensor_copy_set(grad.device_mesh, tuple(grad.placements), topology)
-    return topology.replica_ranks
+        return Attribution(_dtensor_copy_set(grad.device_mesh, tuple(grad.placements), topology))
+    return Attribution(topology.replica_ranks)
 
 
-def split_work(
-    numels: Sequence[int], copy_sets: Sequence[tuple[int, ...]], rank: int
-) -> list[tuple[int, int, int]]:
-    """The element ranges ``(tensor index, start, stop)`` this rank counts.
+Segment = tuple[int, int, int]  # (tensor index, start, stop) in the flattened local tensor
 
-    Tensors with the same copy set are laid end to end, in the given order, and member ``i`` of
-    ``k`` takes elements ``[i*N//k, (i+1)*N//k)``: balanced by numel, at most two tensors cut per
-    member, deterministic, and the same on every member given the same ordered list.
+
+def split_work(segments: Sequence[Segment], copy_sets: Sequence[tuple[int, ...]], rank: int) -> list[Segment]:
+    """The element ranges this rank counts.
+
+    Segments with the same copy set are laid end to end, in the given order, and member ``i`` of
+    ``k`` takes elements ``[i*N//k, (i+1)*N//k)``: balanced by numel, at most two segments cut
+    per member, deterministic, and the same on every member given the same ordered list.
     """
-    buckets: dict[tuple[int, ...], list[int]] = {}
-    for index, members in enumerate(copy_sets):
-        buckets.setdefault(members, []).append(index)
+    buckets: dict[tuple[int, ...], list[Segment]] = {}
+    for segment, members in zip(segments, copy_sets):
+        buckets.setdefault(members, []).append(segment)
 
-    owned: list[tuple[int, int, int]] = []
-    for members, indices in buckets.items():
+    owned: list[Segment] = []
+    for members, bucket in buckets.items():
         if len(members) == 1:
-            owned.extend((i, 0, numels[i]) for i in indices if numels[i] > 0)
+            owned.extend(s for s in bucket if s[2] > s[1])
             continue
-        total = sum(numels[i] for i in indices)
+        total = sum(stop - start for _, start, stop in bucket)
         me, copies = members.index(rank), len(members)
         lo, hi = total * me // copies, total * (me + 1) // copies
         offset = 0
-        for i in indices:
-            start, stop = max(lo, offset), min(hi, offset + numels[i])
-            if start < stop:
-                owned.append((i, start - offset, stop - offset))
-            offset += numels[i]
+        for index, start, stop in bucket:
+            first, last = max(lo, offset), min(hi, offset + stop - start)
+            if first < last:
+                owned.append((index, start + first - offset, start + last - offset))
+            offset += stop - start
             if offset >= hi:
                 break
     owned.sort()
@@ -198,12 +220,12 @@ def local_tensor(grad: Tensor) -> Tensor:
 class Ownership:
     """What this rank counts of a list of gradients.
 
-    ``owned`` holds ``(tensor index, start, stop)`` ranges into ``local_tensors`` (empty ranges
-    and empty tensors never appear, so an inf-norm never sees an empty shard); ``problems`` maps
-    each problem found on this rank to a detail message.
+    ``owned`` holds ``(tensor index, start, stop)`` ranges into the local tensors (empty ranges
+    never appear, so an inf-norm never sees an empty shard); ``problems`` maps each problem
+    found on this rank to a detail message.
     """
 
-    owned: list[tuple[int, int, int]]
+    owned: list[Segment]
     problems: dict[Problem, str] = field(default_factory=dict)
 
     def pieces(self, local_tensors: Sequence[Tensor]) -> list[Tensor]:
@@ -218,8 +240,17 @@ class Ownership:
         return pieces
 
 
-def plan_ownership(grads: Sequence[Tensor], topology: Topology) -> Ownership:
-    """Attribute every element of ``grads`` (this rank's gradients) to exactly one rank."""
+def plan_ownership(
+    grads: Sequence[Tensor],
+    topology: Topology,
+    known: Mapping[int, Attribution | OwnershipError] | None = None,
+) -> Ownership:
+    """Attribute every element of ``grads`` (this rank's gradients) to exactly one rank.
+
+    ``known`` gives the Attribution of gradients whose layout the tensor alone does not tell
+    (FSDP1 flat gradients, by index; an OwnershipError where that failed); the others are
+    attributed by :func:`attribute`.
+    """
     problems: dict[Problem, str] = {}
     replicas = topology.replica_ranks
     if topology.rank not in replicas or not set(replicas) <= set(topology.group_ranks):
@@ -228,14 +259,19 @@ def plan_ownership(grads: Sequence[Tensor], topology: Topology) -> Ownership:
         )
         return Ownership([], problems)
 
-    copy_sets = []
+    segments: list[Segment] = []
+    copy_sets: list[tuple[int, ...]] = []
     for index, grad in enumerate(grads):
         try:
-            copy_sets.append(copy_set(grad, topology))
+            attribution = known[index] if known and index in known else attribute(grad, topology)
+            if isinstance(attribution, OwnershipError):
+                raise attribution
         except OwnershipError as error:
             problems.setdefault(error.problem, f"gradient #{index}: {error.detail}")
-            copy_sets.append((topology.rank,))
+            continue
+        ranges = attribution.ranges or ((0, local_tensor(grad).numel()),)
+        segments.extend((index, start, stop) for start, stop in ranges)
+        copy_sets.extend(attribution.copies for _ in ranges)
     if problems:
         return Ownership([], problems)
-    numels = [local_tensor(g).numel() for g in grads]
-    return Ownership(split_work(numels, copy_sets, topology.rank), problems)
+    return Ownership(split_work(segments, copy_sets, topology.rank), problems)

@@ -28,7 +28,7 @@ def _owned_elements():
     backward(model, batch(dist.get_rank()))
     grads = [p.grad for p in model.parameters()]
     ownership = plan_ownership(grads, resolve_topology())
-    return [(i, start, stop) for i, start, stop in ownership.owned], [g.numel() for g in grads]
+    return ownership.owned, [g.numel() for g in grads]
 
 
 @pytest.mark.parametrize("world_size", [2, 4])

@@ -1,0 +1,116 @@
+"""FSDP1 (``FullyShardedDataParallel``): which elements of its flat gradients are the model's.
+
+FSDP1 keeps one FlatParameter per unit; its gradient is a 1-D local shard that also holds
+padding (between original parameters for alignment, and at the end of the last shard).  Padding
+is not part of the model, so only the ranges ``_shard_param_infos`` names are counted.  The
+shard is distinct across the unit's process group (FULL_SHARD, SHARD_GRAD_OP), a copy on every
+rank of it (NO_SHARD), or distinct within the intra-node group and a copy across the inter-node
+group (HYBRID_SHARD, _HYBRID_SHARD_ZERO2).
+
+Given the root module, each unit's process groups are read directly.  Given bare FlatParameters
+(``fsdp_model.parameters()`` with ``use_orig_params=False``), the shard count is read off the
+FlatParameter's sizes and the shard groups are taken to be consecutive ranks of ``group``, the
+layout FSDP1 builds for hybrid sharding (intra-node groups, or a ``(replicate, shard)`` mesh).
+"""
+
+from __future__ import annotations
+
+from torch import Tensor, nn
+import torch.distributed as dist
+
+from distclip.ownership import Attribution, OwnershipError, Problem, shard_copy_set
+from distclip.topology import Topology
+
+try:
+    from torch.distributed.fsdp import FullyShardedDataParallel, ShardingStrategy
+
+    _HYBRID = {ShardingStrategy.HYBRID_SHARD, ShardingStrategy._HYBRID_SHARD_ZERO2}
+except ImportError:  # a torch build without FSDP1
+    FullyShardedDataParallel, ShardingStrategy, _HYBRID = None, None, set()
+
+
+def is_flat_param(param: Tensor) -> bool:
+    return bool(getattr(param, "_is_flat_param", False))
+
+
+def _model_ranges(flat_param: Tensor) -> tuple[tuple[int, int], ...]:
+    """The ranges of the local flat shard that hold original-parameter elements."""
+    return tuple(
+        (info.offset_in_shard, info.offset_in_shard + info.numel_in_shard)
+        for info in flat_param._shard_param_infos
+        if info.in_shard
+    )
+
+
+def _unit_attribution(unit: nn.Module, topology: Topology) -> Attribution:
+    flat_param = unit._handle.flat_param
+    shard_group = dist.get_process_group_ranks(unit.process_group)
+    if unit.sharding_strategy == ShardingStrategy.NO_SHARD:
+        same_shard = list(range(len(shard_group)))
+    else:
+        same_shard = [shard_group.index(topology.rank)]
+    if unit.sharding_strategy in _HYBRID:
+        replicas = dist.get_process_group_ranks(unit._inter_node_pg)
+        outside = sorted(set(replicas) - set(topology.group_ranks))
+        if outside:
+            raise OwnershipError(
+                Problem.MESH_OUTSIDE_GROUP, f"FSDP1 inter-node group {replicas} holds ranks {outside}"
+            )
+        shard_copy_set(shard_group, same_shard, list(topology.group_ranks), topology)  # validates
+        return Attribution(tuple(sorted(replicas)), _model_ranges(flat_param))
+    copies = shard_copy_set(shard_group, same_shard, list(topology.group_ranks), topology)
+    return Attribution(copies, _model_ranges(flat_param))
+
+
+def flat_param_attribution(flat_param: Tensor, topology: Topology) -> Attribution:
+    """Attribution of a FlatParameter given without its FSDP unit (see the module docstring)."""
+    padded = getattr(flat_param, "_padded_unsharded_size", None)
+    shards = padded.numel() // flat_param._sharded_size.numel() if padded is not None else 1
+    group = list(topology.group_ranks)
+    if shards <= 1:  # NO_SHARD: the whole flat parameter on every rank
+        return Attribution(topology.replica_ranks, _model_ranges(flat_param))
+    if len(group) % shards:
+        raise OwnershipError(
+            Problem.UNKNOWN_CORRESPONDENCE,
+            f"a FlatParameter sharded {shards} ways does not tile `group` of {len(group)} ranks; "
+            "pass the root FSDP module instead of its parameters",
+        )
+    first = group.index(topology.rank) // shards * shards
+    shard_group = group[first : first + shards]
+    copies = shard_copy_set(shard_group, [shard_group.index(topology.rank)], group, topology)
+    return Attribution(copies, _model_ranges(flat_param))
+
+
+def has_units(module: nn.Module) -> bool:
+    return FullyShardedDataParallel is not None and any(
+        isinstance(m, FullyShardedDataParallel) for m in module.modules()
+    )
+
+
+def module_gradients(
+    module: nn.Module, topology: Topology
+) -> tuple[list[Tensor], dict[int, Attribution | OwnershipError]]:
+    """Every gradient of an FSDP1 model: each unit's flat gradient (scaling it scales the
+    ``use_orig_params=True`` views too), then the parameters FSDP1 does not manage (ignored
+    modules), which are plain tensors.  Returns the gradients and the units' Attributions by
+    index (an OwnershipError stands in for a unit that cannot be attributed)."""
+    grads: list[Tensor] = []
+    known: dict[int, Attribution | OwnershipError] = {}
+    managed: set[int] = set()
+    for unit in FullyShardedDataParallel.fsdp_modules(module):
+        if unit._handle is None:
+            continue
+        flat_param = unit._handle.flat_param
+        managed.add(id(flat_param))
+        managed.update(id(p) for p in (flat_param._params or ()))
+        if flat_param.grad is None:
+            continue
+        try:
+            known[len(grads)] = _unit_attribution(unit, topology)
+        except OwnershipError as error:
+            known[len(grads)] = error
+        grads.append(flat_param.grad)
+    grads.extend(
+        p.grad for p in module.parameters() if id(p) not in managed and p.grad is not None
+    )
+    return grads, known
