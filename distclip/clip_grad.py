@@ -15,11 +15,11 @@ from torch import Tensor, nn
 from torch.distributed.tensor import DTensor
 
 from distclip import fsdp1
-from distclip.ownership import Attribution, OwnershipError, local_tensor, plan_ownership
-from distclip.partials import PNorm, local_partial
-from distclip.reduction import all_reduce_partials, raise_problems
+from distclip.ownership import Attribution, OwnershipError, local_tensor
+from distclip.partials import PNorm
+from distclip.plan import NormPlan
 from distclip.scaling import check_max_norm, clip_coefficient, scale_
-from distclip.topology import GroupLike, Topology, reduction_device, resolve_topology
+from distclip.topology import GroupLike, Topology, resolve_topology
 
 TensorOrTensors = Union[Tensor, Iterable[Tensor], nn.Module]
 
@@ -71,27 +71,15 @@ def _global_norm(
     error_if_nonfinite: bool,
     foreach: bool | None,
     topology: Topology,
-) -> tuple[Tensor, Tensor, list[Tensor]]:
-    """(total norm, invalid flag, local tensors) for this rank's ``grads``, one collective."""
-    local_tensors = [local_tensor(g) for g in grads]
-    out_device = local_tensors[0].device if local_tensors else None
-    device = reduction_device(topology, fallback=out_device or torch.device("cpu"))
-    out_dtype = (
-        torch.float64 if any(t.dtype == torch.float64 for t in local_tensors) else torch.float32
-    )
-
-    ownership = plan_ownership(grads, topology, known)
-    pieces = ownership.pieces(local_tensors)
-    partial = local_partial(pieces, pnorm, foreach, device)
-    reduced = all_reduce_partials(
-        partial.reshape(1), [bool(pieces)], ownership.problems, pnorm, topology
-    )
-    raise_problems(reduced, ownership.problems)
-
-    total = reduced.norms[0].to(device=out_device or device, dtype=out_dtype)
+) -> tuple[Tensor, Tensor, NormPlan, list[Tensor]]:
+    """(total norm, invalid flag, plan, local tensors) for this rank's ``grads``: one collective."""
+    plan = NormPlan(grads, topology, known)
+    local = plan.local_tensors(grads)
+    reduced = plan.global_norms(local, pnorm, foreach)
+    total = reduced.norms[0].to(device=plan.out_device or plan.device, dtype=plan.out_dtype)
     if error_if_nonfinite and bool(total.isnan() | total.isinf()):
         raise RuntimeError(_NONFINITE_MESSAGE.format(pnorm.p))
-    return total, reduced.invalid, local_tensors
+    return total, reduced.invalid, plan, local
 
 
 @torch.no_grad()
@@ -142,7 +130,7 @@ def get_total_norm(
         grads, known = _gradients(tensors, topology)
     else:
         grads, known = _tensor_list(tensors, "tensors"), {}
-    total, _, _ = _global_norm(grads, known, pnorm, error_if_nonfinite, foreach, topology)
+    total, _, _, _ = _global_norm(grads, known, pnorm, error_if_nonfinite, foreach, topology)
     return total
 
 
@@ -199,12 +187,9 @@ def clip_grad_norm_(
     pnorm = PNorm.parse(norm_type)
     topology = resolve_topology(group, replica_group)
     grads, known = _gradients(parameters, topology)
-    total, invalid, local_tensors = _global_norm(
-        grads, known, pnorm, error_if_nonfinite, foreach, topology
-    )
-    if local_tensors:
-        # A problem reported by another rank that could not be raised here without a sync
-        # leaves the gradients as they are rather than scaling them by NaN.
-        coefficient = torch.where(invalid.to(total.device), 1.0, clip_coefficient(max_norm, total))
-        scale_(local_tensors, coefficient, foreach)
+    total, invalid, plan, local = _global_norm(grads, known, pnorm, error_if_nonfinite, foreach, topology)
+    # A problem reported by another rank that could not be raised here without a sync leaves
+    # the gradients as they are rather than scaling them by NaN.
+    coefficient = torch.where(invalid.to(total.device), 1.0, clip_coefficient(max_norm, total))
+    plan.scale_(local, coefficient, foreach)
     return total

@@ -228,17 +228,6 @@ class Ownership:
     owned: list[Segment]
     problems: dict[Problem, str] = field(default_factory=dict)
 
-    def pieces(self, local_tensors: Sequence[Tensor]) -> list[Tensor]:
-        """The owned ranges as tensors: whole tensors where owned whole, else flat views."""
-        pieces = []
-        for index, start, stop in self.owned:
-            tensor = local_tensors[index]
-            if start == 0 and stop == tensor.numel():
-                pieces.append(tensor)
-            else:
-                pieces.append(tensor.reshape(-1)[start:stop])
-        return pieces
-
 
 def plan_ownership(
     grads: Sequence[Tensor],

@@ -19,11 +19,7 @@ from typing import Sequence, Union
 
 import torch
 from torch import Tensor
-from torch.utils._foreach_utils import (
-    _device_has_foreach_support,
-    _group_tensors_by_device_and_dtype,
-    _has_foreach_support,
-)
+from torch.utils._foreach_utils import _device_has_foreach_support, _has_foreach_support
 
 
 @dataclass(frozen=True)
@@ -71,11 +67,24 @@ class PNorm:
 
     def merge(self, partials: Sequence[Tensor], device: torch.device) -> Tensor:
         """Combine partials (from different devices/dtypes) into one on ``device``."""
+        return self.merge_vectors([p.reshape(1) for p in partials], 1, device)[0]
+
+    def partial_by_group(self, norms: Tensor, slots: Tensor, num_groups: int) -> Tensor:
+        """Per-tensor norms -> one partial per group (``slots[i]`` is tensor i's group; slot
+        ``num_groups`` collects tensors in no group and is dropped)."""
+        norms = norms.to(torch.float64)
+        values = norms if self.reduce_op != "sum" or self.p == 0 else norms.pow(self.p)
+        reduce = {"sum": "sum", "max": "amax", "min": "amin"}[self.reduce_op]
+        out = torch.full((num_groups + 1,), self.identity, dtype=torch.float64, device=norms.device)
+        return out.scatter_reduce_(0, slots, values, reduce)[:num_groups]
+
+    def merge_vectors(self, partials: Sequence[Tensor], size: int, device: torch.device) -> Tensor:
+        """Combine per-group partial vectors (from different devices/dtypes) on ``device``."""
         if not partials:
-            return torch.full((), self.identity, dtype=torch.float64, device=device)
+            return torch.full((size,), self.identity, dtype=torch.float64, device=device)
         stacked = torch.stack([partial.to(device) for partial in partials])
         op = self.reduce_op
-        return stacked.amax() if op == "max" else stacked.amin() if op == "min" else stacked.sum()
+        return stacked.amax(0) if op == "max" else stacked.amin(0) if op == "min" else stacked.sum(0)
 
     def finish(self, combined: Tensor) -> Tensor:
         """The global partial -> the norm."""
@@ -93,19 +102,3 @@ def use_foreach(foreach: bool | None, tensors: list[Tensor], device: torch.devic
             f"foreach=True was passed, but can't use the foreach API on {device.type} tensors"
         )
     return foreach
-
-
-def local_partial(
-    pieces: list[Tensor], pnorm: PNorm, foreach: bool | None, device: torch.device
-) -> Tensor:
-    """This rank's partial (0-dim float64 on ``device``) over the owned ``pieces``."""
-    partials = []
-    grouped = _group_tensors_by_device_and_dtype([pieces]) if pieces else {}
-    for (piece_device, dtype), ([tensors], _) in grouped.items():
-        accumulate = torch.float64 if dtype == torch.float64 else torch.float32
-        if use_foreach(foreach, tensors, piece_device):
-            norms = torch._foreach_norm(tensors, pnorm.p, dtype=accumulate)
-        else:
-            norms = [torch.linalg.vector_norm(t, pnorm.p, dtype=accumulate) for t in tensors]
-        partials.append(pnorm.partial_of_norms(torch.stack(norms)))
-    return pnorm.merge(partials, device)

@@ -28,14 +28,21 @@ def clip_coefficient(max_norm: float, total_norm: Tensor) -> Tensor:
     return torch.clamp(max_norm / (total_norm + 1e-6), max=1.0)
 
 
-def scale_(tensors: Sequence[Tensor], coefficient: Tensor, foreach: bool | None = None) -> None:
-    """Multiply every tensor in place by the 0-dim ``coefficient``, one foreach call per
-    (device, dtype); the coefficient is copied once to each device."""
-    grouped = _group_tensors_by_device_and_dtype([list(tensors)])
-    for (device, _), ([device_tensors], _) in grouped.items():
+def scale_grouped_(groups: Sequence[Sequence[Tensor]], coefficient: Tensor, foreach: bool | None = None) -> None:
+    """Multiply tensors in place by the 0-dim ``coefficient``: one foreach call per group of
+    same-(device, dtype) tensors, the coefficient copied once to each device."""
+    for tensors in groups:
+        tensors = list(tensors)
+        device = tensors[0].device
         device_coefficient = coefficient.to(device)
-        if use_foreach(foreach, device_tensors, device):
-            torch._foreach_mul_(device_tensors, device_coefficient)
+        if use_foreach(foreach, tensors, device):
+            torch._foreach_mul_(tensors, device_coefficient)
         else:
-            for tensor in device_tensors:
+            for tensor in tensors:
                 tensor.mul_(device_coefficient)
+
+
+def scale_(tensors: Sequence[Tensor], coefficient: Tensor, foreach: bool | None = None) -> None:
+    """Multiply every tensor in place by the 0-dim ``coefficient`` (see :func:`scale_grouped_`)."""
+    grouped = _group_tensors_by_device_and_dtype([list(tensors)])
+    scale_grouped_([device_tensors for [device_tensors], _ in grouped.values()], coefficient, foreach)

@@ -1,0 +1,126 @@
+"""The per-step work, planned once: which pieces this rank counts, grouped for foreach kernels.
+
+A :class:`NormPlan` is built from one list of gradients (ownership, (device, dtype) buckets,
+per-group ids) and then executed on the *current* gradient tensors of the same parameters: the
+functional API builds one per call, :class:`distclip.GradClipper` keeps one across steps, so a
+step costs the foreach kernels, one all-reduce and list building, nothing that rediscovers
+meshes or ownership.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Mapping, Sequence
+
+import torch
+from torch import Tensor
+
+from distclip.ownership import Attribution, OwnershipError, Problem, plan_ownership
+from distclip.partials import PNorm, use_foreach
+from distclip.reduction import Reduced, all_reduce_partials, raise_problems
+from distclip.scaling import scale_grouped_
+from distclip.topology import Topology, reduction_device
+from torch.distributed.tensor import DTensor
+
+
+@dataclass
+class _Bucket:
+    """Owned pieces of one (device, dtype): whole tensors and flat ranges, by gradient index."""
+
+    device: torch.device
+    dtype: torch.dtype
+    pieces: list[tuple[int, int, int, bool]]  # (grad index, start, stop, whole)
+    group_ids: Tensor | None  # per piece, the group it counts towards (on ``device``)
+
+
+class NormPlan:
+    """Ownership and grouping of a fixed list of gradients, ready to run every step.
+
+    ``group_of`` optionally assigns each gradient a group index in ``range(num_groups)`` (or
+    -1 for none); each group's norm then rides the same collective as the total.
+    """
+
+    def __init__(
+        self,
+        grads: Sequence[Tensor],
+        topology: Topology,
+        known: Mapping[int, Attribution | OwnershipError] | None = None,
+        group_of: Sequence[int] | None = None,
+        num_groups: int = 0,
+    ) -> None:
+        self.topology = topology
+        self.num_groups = num_groups
+        self.is_dtensor = [isinstance(g, DTensor) for g in grads]
+        local = self.local_tensors(grads)
+        self.out_device = local[0].device if local else None
+        self.device = reduction_device(topology, fallback=self.out_device or torch.device("cpu"))
+        self.out_dtype = torch.float64 if any(t.dtype == torch.float64 for t in local) else torch.float32
+
+        ownership = plan_ownership(grads, topology, known)
+        self.problems: dict[Problem, str] = ownership.problems
+        buckets: dict[tuple[torch.device, torch.dtype], list[tuple[int, int, int, bool]]] = {}
+        for index, start, stop in ownership.owned:
+            tensor = local[index]
+            whole = start == 0 and stop == tensor.numel()
+            buckets.setdefault((tensor.device, tensor.dtype), []).append((index, start, stop, whole))
+        # Gradients in no group count towards a spare slot k, dropped after the reduction.
+        slot = [num_groups if g < 0 else g for g in group_of] if group_of is not None else None
+        self.buckets = [
+            _Bucket(
+                device,
+                dtype,
+                pieces,
+                None if slot is None else torch.tensor([slot[p[0]] for p in pieces], device=device),
+            )
+            for (device, dtype), pieces in buckets.items()
+        ]
+        owned_slots = {slot[index] for index, _, _ in ownership.owned} if slot is not None else set()
+        self.presence = [bool(ownership.owned)] + [g in owned_slots for g in range(num_groups)]
+        # Every local gradient is scaled, copies included: one list of indices per (device, dtype).
+        scale: dict[tuple[torch.device, torch.dtype], list[int]] = {}
+        for index, tensor in enumerate(local):
+            scale.setdefault((tensor.device, tensor.dtype), []).append(index)
+        self.scale_groups = list(scale.values())
+
+    def local_tensors(self, grads: Sequence[Tensor]) -> list[Tensor]:
+        # DTensor._local_tensor instead of to_local(): no autograd function per gradient.
+        return [g._local_tensor if d else g for g, d in zip(grads, self.is_dtensor)]
+
+    def _bucket_norms(self, bucket: _Bucket, local: Sequence[Tensor], pnorm: PNorm, foreach: bool | None) -> Tensor:
+        tensors = [
+            local[i] if whole else local[i].reshape(-1)[start:stop]
+            for i, start, stop, whole in bucket.pieces
+        ]
+        accumulate = torch.float64 if bucket.dtype == torch.float64 else torch.float32
+        if use_foreach(foreach, tensors, bucket.device):
+            norms = torch._foreach_norm(tensors, pnorm.p, dtype=accumulate)
+        else:
+            norms = [torch.linalg.vector_norm(t, pnorm.p, dtype=accumulate) for t in tensors]
+        return torch.stack(norms).to(torch.float64)
+
+    def partials(self, local: Sequence[Tensor], pnorm: PNorm, foreach: bool | None) -> Tensor:
+        """This rank's partials: ``[total, group 0, ..., group k-1]``, float64 on the
+        reduction device."""
+        totals, per_group = [], []
+        for bucket in self.buckets:
+            norms = self._bucket_norms(bucket, local, pnorm, foreach)
+            totals.append(pnorm.partial_of_norms(norms))
+            if self.num_groups:
+                per_group.append(pnorm.partial_by_group(norms, bucket.group_ids, self.num_groups))
+        total = pnorm.merge(totals, self.device).reshape(1)
+        if not self.num_groups:
+            return total
+        groups = pnorm.merge_vectors(per_group, self.num_groups, self.device)
+        return torch.cat([total, groups])
+
+    def global_norms(self, local: Sequence[Tensor], pnorm: PNorm, foreach: bool | None) -> Reduced:
+        """Partials -> the one all-reduce -> norms, raising reported problems on every rank."""
+        reduced = all_reduce_partials(
+            self.partials(local, pnorm, foreach), self.presence, self.problems, pnorm, self.topology
+        )
+        raise_problems(reduced, self.problems)
+        return reduced
+
+    def scale_(self, local: Sequence[Tensor], coefficient: Tensor, foreach: bool | None) -> None:
+        """Multiply every local gradient in place by ``coefficient``."""
+        scale_grouped_([[local[i] for i in indices] for indices in self.scale_groups], coefficient, foreach)
