@@ -5,6 +5,13 @@ DDP, FSDP1/FSDP2, HSDP, tensor, pipeline and expert parallelism.
 """
 
 from distclip.clip_grad import clip_grad_norm_, clip_grads_with_norm_, get_total_norm
+from distclip.clipper import ClipResult, GradClipper
 
-__all__ = ["clip_grad_norm_", "clip_grads_with_norm_", "get_total_norm"]
+__all__ = [
+    "ClipResult",
+    "GradClipper",
+    "clip_grad_norm_",
+    "clip_grads_with_norm_",
+    "get_total_norm",
+]
 __version__ = "0.1.0"

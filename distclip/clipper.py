@@ -1,0 +1,287 @@
+"""GradClipper: the stateful clipper for a training loop.
+
+The functional API rediscovers ownership and foreach groupings on every call; a training loop
+has the same parameters every step, so :class:`GradClipper` plans that once (a
+:class:`~distclip.plan.NormPlan`) and only checks, locally and cheaply, whether the set of
+parameters that have gradients changed.  Per-group norms ride the same single all-reduce as the
+total.  Attached to an optimizer it clips inside ``optimizer.step()``; for fused optimizers it
+hands the coefficient to the kernel through ``grad_scale`` instead of rewriting the gradients.
+"""
+
+from __future__ import annotations
+
+import collections
+from dataclasses import dataclass, field
+from typing import Iterable, Mapping, Union
+
+import torch
+from torch import Tensor, nn
+from torch.distributed.tensor import DTensor
+from torch.utils.hooks import RemovableHandle
+
+from distclip import fsdp1
+from distclip.clip_grad import _gradients
+from distclip.partials import PNorm
+from distclip.plan import NormPlan
+from distclip.scaling import check_max_norm, clip_coefficient
+from distclip.topology import GroupLike, resolve_topology
+
+NONFINITE_POLICIES = ("propagate", "error", "skip")
+GroupsSpec = Union[None, str, Mapping[str, Iterable[Tensor]]]
+
+
+@dataclass
+class ClipResult:
+    """One clipping step, every field identical on every rank.
+
+    ``total_norm`` is the global norm *before* clipping; ``coef`` the factor the gradients were
+    (or, for a fused optimizer, will be) multiplied by; ``nonfinite`` a 0-dim bool tensor, True
+    when the norm was NaN or infinite; ``group_norms`` the pre-clip norm of each group.
+    """
+
+    total_norm: Tensor
+    coef: Tensor
+    nonfinite: Tensor
+    group_norms: dict[str, Tensor] = field(default_factory=dict)
+
+
+class GradClipper:
+    """Clip gradients by their global norm every step, at the cost of the kernels alone.
+
+    Args:
+        model_or_params: an ``nn.Module`` (FSDP1 root modules included) or parameters.
+        max_norm, norm_type, group, replica_group: as in :func:`distclip.clip_grad_norm_`.
+        groups: per-group norms to report: a mapping name -> parameters, ``"modules"`` (the
+            model's top-level submodules) or ``"param_groups"`` (the attached optimizer's).
+        nonfinite: ``"propagate"`` (torch's behaviour: NaN/inf norms scale gradients by NaN),
+            ``"error"`` (RuntimeError on every rank; reads the norm on the host) or ``"skip"``
+            (gradients are left as they are and an attached optimizer's step is a no-op).
+        foreach: as in torch.
+        history: how many past total norms to keep (in ``state_dict``).
+    """
+
+    def __init__(
+        self,
+        model_or_params: Union[nn.Module, Iterable[Tensor]],
+        max_norm: float = 1.0,
+        norm_type: float = 2.0,
+        *,
+        group: GroupLike = None,
+        replica_group: GroupLike = None,
+        groups: GroupsSpec = None,
+        nonfinite: str = "propagate",
+        foreach: bool | None = None,
+        history: int = 1000,
+    ) -> None:
+        if nonfinite not in NONFINITE_POLICIES:
+            raise ValueError(f"distclip: nonfinite must be one of {NONFINITE_POLICIES}, got {nonfinite!r}")
+        self.max_norm = check_max_norm(max_norm)
+        self.pnorm = PNorm.parse(norm_type)
+        self.nonfinite = nonfinite
+        self.foreach = foreach
+        self.topology = resolve_topology(group, replica_group)
+        self.module = model_or_params if isinstance(model_or_params, nn.Module) else None
+        self.params = list(model_or_params.parameters() if self.module is not None else model_or_params)
+        self._fsdp1 = self.module is not None and fsdp1.has_units(self.module)
+        if groups is not None and self._fsdp1:
+            raise ValueError("distclip: per-group norms are not supported for FSDP1 flat parameters")
+        self._groups_spec = groups
+        self.group_names: list[str] = []
+        self._group_of_param: list[int] | None = None
+        if groups is not None and groups != "param_groups":
+            self._set_groups(self._named_groups(groups))
+
+        self._plan: NormPlan | None = None
+        self._plan_key: object = None
+        self.steps = 0
+        self._clipped_steps = torch.zeros((), dtype=torch.int64)
+        self._nonfinite_steps = torch.zeros((), dtype=torch.int64)
+        self.history: collections.deque[Tensor] = collections.deque(maxlen=history)
+
+    # -- groups ---------------------------------------------------------------------------
+
+    def _named_groups(self, groups: GroupsSpec) -> dict[str, list[Tensor]]:
+        if groups == "modules":
+            if self.module is None:
+                raise ValueError('distclip: groups="modules" needs a model, not parameters')
+            named = {name: list(child.parameters()) for name, child in self.module.named_children()}
+            own = list(self.module.parameters(recurse=False))
+            return {**named, **({"(root)": own} if own else {})}
+        if isinstance(groups, Mapping):
+            return {name: list(params) for name, params in groups.items()}
+        raise ValueError(f'distclip: groups must be a mapping, "modules" or "param_groups", got {groups!r}')
+
+    def _set_groups(self, named: dict[str, list[Tensor]]) -> None:
+        index_of = {id(p): i for i, p in enumerate(self.params)}
+        group_of = [-1] * len(self.params)
+        for g, (name, params) in enumerate(named.items()):
+            for p in params:
+                if id(p) not in index_of:
+                    raise ValueError(f"distclip: group {name!r} holds a parameter the clipper does not clip")
+                if group_of[index_of[id(p)]] != -1:
+                    raise ValueError(f"distclip: a parameter is in group {name!r} and another group")
+                group_of[index_of[id(p)]] = g
+        self.group_names = list(named)
+        self._group_of_param = group_of
+        self._plan_key = None
+
+    # -- the step -------------------------------------------------------------------------
+
+    def _current(self) -> tuple[list[Tensor], NormPlan]:
+        """This step's gradients and the plan for them, rebuilt only when the set of
+        parameters with gradients changed (a local check: every rank rebuilds alike)."""
+        if self._fsdp1:
+            grads, known = fsdp1.module_gradients(self.module, self.topology)
+            key: object = len(grads)
+            group_of = None
+        else:
+            all_grads = [p.grad for p in self.params]
+            key = True if None not in all_grads else tuple(g is not None for g in all_grads)
+            grads = all_grads if key is True else [g for g in all_grads if g is not None]
+            known, group_of = None, self._group_of_param
+            if key is not True and group_of is not None:
+                group_of = [g for g, grad in zip(group_of, all_grads) if grad is not None]
+        if self._groups_spec == "param_groups" and self._group_of_param is None:
+            raise ValueError('distclip: groups="param_groups" needs attach(optimizer) first')
+        if key != self._plan_key or self._plan is None:
+            if known is None:
+                params = [p for p in self.params if p.grad is not None]
+                _, known = _gradients(params, self.topology)
+            self._plan = NormPlan(grads, self.topology, known, group_of, len(self.group_names))
+            self._plan_key = key
+        return grads, self._plan
+
+    def _norms(self, loss_scale: Tensor | None = None) -> tuple[ClipResult, NormPlan, list[Tensor], Tensor]:
+        """Global norms and the coefficient, without touching the gradients."""
+        grads, plan = self._current()
+        local = plan.local_tensors(grads)
+        reduced = plan.global_norms(local, self.pnorm, self.foreach)
+        norms = reduced.norms
+        if loss_scale is not None:  # gradients still multiplied by GradScaler's scale
+            norms = norms / loss_scale.to(norms.device, torch.float64)
+        norms = norms.to(device=plan.out_device or plan.device, dtype=plan.out_dtype)
+        total = norms[0]
+        nonfinite = total.isnan() | total.isinf()
+        if self.nonfinite == "error" and bool(nonfinite):
+            raise RuntimeError(
+                f"distclip: the global gradient norm is non-finite ({total.item()}) on step {self.steps}"
+            )
+        coef = clip_coefficient(self.max_norm, total)
+        keep = reduced.invalid.to(total.device)
+        if self.nonfinite == "skip":
+            keep = keep | nonfinite
+        coef = torch.where(keep, 1.0, coef)
+        groups = {name: norms[1 + i] for i, name in enumerate(self.group_names)}
+        result = ClipResult(total, coef, nonfinite, groups)
+        self._record(result)
+        return result, plan, local, coef
+
+    def _record(self, result: ClipResult) -> None:
+        self.steps += 1
+        device = self._clipped_steps.device
+        self._clipped_steps += (result.coef < 1).to(device)
+        self._nonfinite_steps += result.nonfinite.to(device)
+        self.history.append(result.total_norm.detach())
+
+    @torch.no_grad()
+    def clip_(self) -> ClipResult:
+        """Compute the global (and per-group) norms with one all-reduce and scale every local
+        gradient in place by ``min(max_norm / (total + 1e-6), 1)``.  No host sync unless
+        ``nonfinite="error"``."""
+        result, plan, local, coef = self._norms()
+        plan.scale_(local, coef, self.foreach)
+        return result
+
+    # -- optimizer integration ------------------------------------------------------------
+
+    def attach(self, optimizer: torch.optim.Optimizer) -> "_Attachment":
+        """Clip automatically inside ``optimizer.step()`` (a step pre-hook).
+
+        Works under ``torch.amp.GradScaler``: for ordinary optimizers the scaler unscales the
+        gradients in place and skips the step on inf before the hook runs; for fused ones
+        (``fused=True`` Adam, AdamW, SGD) the hook divides the norm by the scaler's scale and
+        folds the coefficient into ``optimizer.grad_scale``, so the clip costs no extra pass over
+        the gradients.  With ``nonfinite="skip"`` a fused optimizer gets ``found_inf`` (no
+        sync); others have their gradients set to None for the step (one host sync).
+        """
+        if self._groups_spec == "param_groups":
+            self._set_groups(
+                {g.get("name", f"param_group_{i}"): list(g["params"]) for i, g in enumerate(optimizer.param_groups)}
+            )
+        optimizer_params = {id(p) for g in optimizer.param_groups for p in g["params"]}
+        fused = (
+            getattr(optimizer, "_step_supports_amp_scaling", False)
+            and optimizer_params == {id(p) for p in self.params}
+            # grad_scale/found_inf are plain tensors, which DTensor kernels would reject.
+            and not any(isinstance(p, DTensor) for p in self.params)
+        )
+        created: list[str] = []
+
+        def clip_before_step(opt, args, kwargs):
+            if not fused:
+                result = self.clip_()
+                if self.nonfinite == "skip" and bool(result.nonfinite):
+                    for group in opt.param_groups:
+                        for p in group["params"]:
+                            p.grad = None
+                return None
+            loss_scale = getattr(opt, "grad_scale", None)
+            with torch.no_grad():
+                result, _, _, coef = self._norms(loss_scale)
+            scale = (loss_scale if loss_scale is not None else torch.ones((), device=coef.device)).to(coef.device)
+            created.clear()
+            created.extend(name for name in ("grad_scale", "found_inf") if getattr(opt, name, None) is None)
+            opt.grad_scale = (scale / coef).to(torch.float32)
+            if self.nonfinite == "skip":
+                found = result.nonfinite.to(torch.float32)
+                previous = getattr(opt, "found_inf", None)
+                opt.found_inf = found if previous is None else torch.maximum(previous, found.to(previous.device))
+            return None
+
+        def clean_after_step(opt, args, kwargs):
+            for name in created:  # only what the hook set; GradScaler removes its own
+                if hasattr(opt, name):
+                    delattr(opt, name)
+            created.clear()
+
+        return _Attachment(
+            optimizer.register_step_pre_hook(clip_before_step),
+            optimizer.register_step_post_hook(clean_after_step),
+        )
+
+    # -- checkpointing --------------------------------------------------------------------
+
+    def state_dict(self) -> dict:
+        """Counters, history and policies: plain Python values, identical on every rank."""
+        return {
+            "max_norm": self.max_norm,
+            "norm_type": self.pnorm.p,
+            "nonfinite": self.nonfinite,
+            "steps": self.steps,
+            "clipped_steps": int(self._clipped_steps),
+            "nonfinite_steps": int(self._nonfinite_steps),
+            "history": [float(t) for t in self.history],
+        }
+
+    def load_state_dict(self, state: dict) -> None:
+        self.max_norm = check_max_norm(state["max_norm"])
+        self.pnorm = PNorm.parse(state["norm_type"])
+        if state["nonfinite"] not in NONFINITE_POLICIES:
+            raise ValueError(f"distclip: unknown nonfinite policy {state['nonfinite']!r} in state")
+        self.nonfinite = state["nonfinite"]
+        self.steps = int(state["steps"])
+        self._clipped_steps.fill_(int(state["clipped_steps"]))
+        self._nonfinite_steps.fill_(int(state["nonfinite_steps"]))
+        self.history.clear()
+        self.history.extend(torch.tensor(v) for v in state["history"])
+
+
+class _Attachment:
+    """What :meth:`GradClipper.attach` returns: ``remove()`` detaches the clipper."""
+
+    def __init__(self, *handles: RemovableHandle) -> None:
+        self._handles = handles
+
+    def remove(self) -> None:
+        for handle in self._handles:
+            handle.remove()
