@@ -151,6 +151,10 @@ def _attached_step_equals_clip_then_step(optimizer_name, fused):
     opt_ours = OPTIMIZERS[optimizer_name](ours.parameters(), fused)
     opt_theirs = OPTIMIZERS[optimizer_name](theirs.parameters(), fused)
     distclip.GradClipper(ours, max_norm=0.05).attach(opt_ours)
+    seen_by_optimizer = []
+    opt_ours.register_step_pre_hook(  # runs after the clipper's hook
+        lambda *_: seen_by_optimizer.__setitem__(slice(None), [p.grad.clone() for p in ours.parameters()])
+    )
     for step in range(3):
         for model in (ours, theirs):
             model.zero_grad()
@@ -160,9 +164,9 @@ def _attached_step_equals_clip_then_step(optimizer_name, fused):
         distclip.clip_grad_norm_(theirs, 0.05)
         opt_theirs.step()
         assert not hasattr(opt_ours, "grad_scale") and not hasattr(opt_ours, "found_inf")
-        # Zero-pass: a fused optimizer gets the coefficient through grad_scale and the
-        # gradients are never rewritten; otherwise they are clipped in place.
-        rewritten = [not torch.equal(p.grad, g) for p, g in zip(ours.parameters(), unclipped)]
+        # Zero-pass: a fused optimizer gets the coefficient through grad_scale, so the clipper
+        # never rewrote the gradients before the optimizer's own kernel read them.
+        rewritten = [not torch.equal(g, u) for g, u in zip(seen_by_optimizer, unclipped)]
         assert not any(rewritten) if fused else all(rewritten)
     for a, b in zip(ours.parameters(), theirs.parameters()):
         torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-7)
