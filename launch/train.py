@@ -1,0 +1,391 @@
+"""Train a small GPT-style causal transformer with distclip under any parallelism.
+
+    torchrun --nproc-per-node=2 launch/train.py                      # DDP, gloo on CPU
+    torchrun --nproc-per-node=2 launch/train.py --parallel fsdp2+tp  # NCCL when CUDA is there
+
+Every parallelism starts from the same weights (built from one seed before sharding) and sees
+the same global batches, so their pre-clip grad-norm histories must agree: that is the
+end-to-end check that distclip counts every gradient element exactly once.
+Rank 0 shows progress, writes ``metrics.jsonl`` and, at the end, ``metrics.png``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import math
+import os
+import sys
+import time
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from torch import nn
+
+import distclip
+
+PARALLELISMS = ("ddp", "fsdp2", "hsdp", "fsdp2+tp", "pp", "fsdp1")
+DEFAULT_DATA = Path(__file__).resolve().parent / "data" / "corpus.txt"
+
+
+# ----------------------------------------------------------------------------- arguments
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str) -> None:  # one line on rank 0, the same exit everywhere
+        fail(message)
+
+
+def fail(message: str) -> None:
+    if int(os.environ.get("RANK", "0")) == 0:
+        print(f"train.py: error: {message}", file=sys.stderr, flush=True)
+    sys.exit(2)
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    p = _Parser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--parallel", default="ddp", help=" | ".join(PARALLELISMS))
+    p.add_argument("--steps", type=int, default=300)
+    p.add_argument("--global-batch", type=int, default=16, help="sequences per optimizer step")
+    p.add_argument("--grad-accum", type=int, default=1, help="micro-batches per step; clip at the boundary")
+    p.add_argument("--seq-len", type=int, default=64)
+    p.add_argument("--dim", type=int, default=64)
+    p.add_argument("--layers", type=int, default=2)
+    p.add_argument("--heads", type=int, default=4)
+    p.add_argument("--lr", type=float, default=3e-3)
+    p.add_argument("--max-norm", type=float, default=1.0)
+    p.add_argument("--norm-type", type=float, default=2.0)
+    p.add_argument("--tp", type=int, default=2, help="tensor-parallel degree for fsdp2+tp")
+    p.add_argument("--replicas", type=int, default=2, help="replicate degree for hsdp")
+    p.add_argument("--microbatches", type=int, default=2, help="pipeline micro-batches per step")
+    p.add_argument("--dtype", default="fp32", choices=["fp32", "bf16"], help="autocast dtype")
+    p.add_argument("--data", type=Path, default=DEFAULT_DATA)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--out", type=Path, default=Path("runs/latest"))
+    p.add_argument("--save-every", type=int, default=0, help="steps between checkpoints (0: never)")
+    p.add_argument("--resume", type=Path, default=None, help="checkpoint directory to resume from")
+    p.add_argument("--no-progress", action="store_true")
+    args = p.parse_args(argv)
+
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if args.parallel not in PARALLELISMS:
+        fail(f"unknown --parallel {args.parallel!r}; choose one of {', '.join(PARALLELISMS)}")
+    if not args.data.is_file():
+        fail(f"data file {args.data} does not exist")
+    if args.parallel == "hsdp" and world % args.replicas:
+        fail(f"hsdp needs the world size ({world}) divisible by --replicas {args.replicas}")
+    if args.parallel == "fsdp2+tp" and (world % args.tp or args.heads % args.tp):
+        fail(f"fsdp2+tp needs world size ({world}) and --heads ({args.heads}) divisible by --tp {args.tp}")
+    if args.parallel == "pp" and (world % 2 or args.layers % 2):
+        fail(f"pp runs 2 stages: world size ({world}) and --layers ({args.layers}) must be even")
+    dp = data_parallel_size(args.parallel, world, args.tp)
+    if args.global_batch % (dp * args.grad_accum * (args.microbatches if args.parallel == "pp" else 1)):
+        fail(f"--global-batch {args.global_batch} is not divisible by data-parallel size x --grad-accum (x --microbatches for pp)")
+    if args.resume is not None and not args.resume.is_dir():
+        fail(f"checkpoint {args.resume} does not exist")
+    return args
+
+
+def data_parallel_size(parallel: str, world: int, tp: int) -> int:
+    return {"fsdp2+tp": world // tp, "pp": world // 2}.get(parallel, world)
+
+
+# ----------------------------------------------------------------------------- data
+
+
+class TokenStream:
+    """Byte-level tokens of a text file, served as deterministic (input, target) windows.
+
+    Batch ``step`` is the same on every run and every parallelism: window starts come from a
+    generator seeded by (seed, step); each data-parallel rank takes its contiguous slice.
+    """
+
+    vocab_size = 256
+
+    def __init__(self, path: Path, seq_len: int, seed: int) -> None:
+        self.tokens = torch.tensor(list(path.read_bytes()), dtype=torch.long)
+        if self.tokens.numel() <= seq_len + 1:
+            fail(f"data file {path} is shorter than --seq-len {seq_len}")
+        self.seq_len, self.seed = seq_len, seed
+
+    def global_batch(self, step: int, size: int) -> tuple[torch.Tensor, torch.Tensor]:
+        generator = torch.Generator().manual_seed(self.seed * 1_000_003 + step)
+        starts = torch.randint(0, self.tokens.numel() - self.seq_len - 1, (size,), generator=generator)
+        windows = torch.stack([self.tokens[s : s + self.seq_len + 1] for s in starts.tolist()])
+        return windows[:, :-1], windows[:, 1:]
+
+
+# ----------------------------------------------------------------------------- model
+
+
+class Attention(nn.Module):
+    def __init__(self, dim: int, heads: int) -> None:
+        super().__init__()
+        self.head_dim = dim // heads
+        self.q, self.k, self.v, self.out = (nn.Linear(dim, dim) for _ in range(4))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        b, t, _ = x.shape
+        # -1 heads: under tensor parallelism q/k/v are column shards holding heads/tp heads.
+        q, k, v = (m(x).view(b, t, -1, self.head_dim).transpose(1, 2) for m in (self.q, self.k, self.v))
+        y = F.scaled_dot_product_attention(q, k, v, is_causal=True)
+        return self.out(y.transpose(1, 2).reshape(b, t, -1))
+
+
+class Block(nn.Module):
+    def __init__(self, dim: int, heads: int) -> None:
+        super().__init__()
+        self.norm1, self.attn = nn.LayerNorm(dim), Attention(dim, heads)
+        self.norm2, self.up, self.down = nn.LayerNorm(dim), nn.Linear(dim, 4 * dim), nn.Linear(4 * dim, dim)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = x + self.attn(self.norm1(x))
+        return x + self.down(F.gelu(self.up(self.norm2(x))))
+
+
+class GPT(nn.Module):
+    """Blocks live in a ModuleDict keyed by their index, so a pipeline stage that keeps some of
+    them keeps their names, and checkpoints of every parallelism share one set of names."""
+
+    def __init__(self, vocab: int, dim: int, layers: int, heads: int, seq_len: int) -> None:
+        super().__init__()
+        self.embed = nn.Embedding(vocab, dim)
+        self.pos = nn.Parameter(torch.randn(seq_len, dim) * 0.02)
+        self.blocks = nn.ModuleDict({str(i): Block(dim, heads) for i in range(layers)})
+        self.norm = nn.LayerNorm(dim)
+        self.head = nn.Linear(dim, vocab)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.embed is not None:
+            x = self.embed(x) + self.pos[: x.shape[1]]
+        for block in self.blocks.values():
+            x = block(x)
+        if self.head is not None:
+            x = self.head(self.norm(x))
+        return x
+
+
+def keep_stage(model: GPT, stage: int) -> GPT:
+    """Pipeline stage 0 keeps the embeddings and the first half of the blocks, stage 1 the rest."""
+    half = len(model.blocks) // 2
+    for name in list(model.blocks):
+        if (int(name) < half) != (stage == 0):
+            del model.blocks[name]
+    if stage == 0:
+        model.norm = model.head = None
+    else:
+        model.embed = None
+        model.pos = None
+    return model
+
+
+# ----------------------------------------------------------------------------- parallelisms
+
+
+def parallelize(model: GPT, args, device: torch.device):
+    """Wrap ``model`` for ``args.parallel``.  Returns (model, replica_group, pipeline schedule)."""
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import fully_shard
+
+    world, kind = dist.get_world_size(), device.type
+    if args.parallel == "ddp":
+        from torch.nn.parallel import DistributedDataParallel as DDP
+
+        return DDP(model, device_ids=[device.index] if kind == "cuda" else None), None, None
+    if args.parallel in ("fsdp2", "hsdp"):
+        if args.parallel == "fsdp2":
+            mesh = init_device_mesh(kind, (world,))
+        else:
+            mesh = init_device_mesh(kind, (args.replicas, world // args.replicas), mesh_dim_names=("replicate", "shard"))
+        for block in model.blocks.values():
+            fully_shard(block, mesh=mesh)
+        return fully_shard(model, mesh=mesh), None, None
+    if args.parallel == "fsdp2+tp":
+        from torch.distributed.tensor.parallel import ColwiseParallel, RowwiseParallel, parallelize_module
+
+        mesh = init_device_mesh(kind, (world // args.tp, args.tp), mesh_dim_names=("dp", "tp"))
+        plan = {"attn.q": ColwiseParallel(), "attn.k": ColwiseParallel(), "attn.v": ColwiseParallel(),
+                "attn.out": RowwiseParallel(), "up": ColwiseParallel(), "down": RowwiseParallel()}
+        for block in model.blocks.values():
+            parallelize_module(block, mesh["tp"], plan)
+            fully_shard(block, mesh=mesh["dp"])  # its LayerNorms stay out of TP: on the dp sub-mesh
+        return fully_shard(model, mesh=mesh["dp"]), None, None
+    if args.parallel == "fsdp1":
+        from torch.distributed.fsdp import FullyShardedDataParallel as FSDP
+
+        for name, block in list(model.blocks.items()):
+            model.blocks[name] = FSDP(block, device_id=device, use_orig_params=True)
+        return FSDP(model, device_id=device, use_orig_params=True), None, None
+    # pp: two stages; stage s on ranks with pp coordinate s, FSDP2 over the stage's dp replicas.
+    from torch.distributed.pipelining import PipelineStage, ScheduleGPipe
+
+    mesh = init_device_mesh(kind, (2, world // 2), mesh_dim_names=("pp", "dp"))
+    stage_index = mesh["pp"].get_local_rank()
+    stage_module = keep_stage(model, stage_index)
+    if mesh["dp"].size() > 1:
+        fully_shard(stage_module, mesh=mesh["dp"])
+    stage = PipelineStage(stage_module, stage_index, 2, device, group=mesh["pp"].get_group())
+    schedule = ScheduleGPipe(stage, n_microbatches=args.microbatches, loss_fn=lm_loss)
+    return stage_module, mesh["dp"], schedule
+
+
+def lm_loss(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    return F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten())
+
+
+@contextlib.contextmanager
+def gradient_sync(model: nn.Module, enabled: bool):
+    """Reduce gradients only on the last micro-batch of an accumulation."""
+    if hasattr(model, "no_sync") and not enabled:  # DDP, FSDP1
+        with model.no_sync():
+            yield
+        return
+    if hasattr(model, "set_requires_gradient_sync"):  # FSDP2
+        model.set_requires_gradient_sync(enabled)
+    yield
+
+
+# ----------------------------------------------------------------------------- checkpoints
+
+
+def save_checkpoint(path: Path, model, optimizer, clipper, step: int) -> None:
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import get_state_dict
+
+    model_state, optim_state = get_state_dict(model, optimizer)
+    dcp.save({"model": model_state, "optim": optim_state,
+              "clipper": clipper.state_dict(), "step": step}, checkpoint_id=str(path))
+
+
+def load_checkpoint(path: Path, model, optimizer, clipper) -> int:
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
+
+    model_state, optim_state = get_state_dict(model, optimizer)
+    state = {"model": model_state, "optim": optim_state, "clipper": clipper.state_dict(), "step": 0}
+    dcp.load(state, checkpoint_id=str(path))
+    set_state_dict(model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optim"])
+    clipper.load_state_dict(state["clipper"])
+    return int(state["step"])
+
+
+# ----------------------------------------------------------------------------- training
+
+
+def setup() -> torch.device:
+    if torch.cuda.is_available():
+        local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+        torch.cuda.set_device(local_rank)
+        dist.init_process_group("nccl", device_id=torch.device("cuda", local_rank))
+        return torch.device("cuda", local_rank)
+    dist.init_process_group("gloo")
+    return torch.device("cpu")
+
+
+def train(args: argparse.Namespace) -> None:
+    device = setup()
+    rank, world = dist.get_rank(), dist.get_world_size()
+    data = TokenStream(args.data, args.seq_len, args.seed)
+    torch.manual_seed(args.seed)  # identical weights everywhere, before any sharding
+    model = GPT(data.vocab_size, args.dim, args.layers, args.heads, args.seq_len).to(device)
+    model, replica_group, schedule = parallelize(model, args, device)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=0.01)
+    clipper = distclip.GradClipper(model, max_norm=args.max_norm, norm_type=args.norm_type, replica_group=replica_group)
+    start = load_checkpoint(args.resume, model, optimizer, clipper) if args.resume else 0
+
+    dp = data_parallel_size(args.parallel, world, args.tp)
+    dp_rank = replica_group.get_local_rank() if replica_group is not None else (
+        rank // args.tp if args.parallel == "fsdp2+tp" else rank)
+    per_rank = args.global_batch // dp
+    micro = per_rank // args.grad_accum
+    autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=args.dtype == "bf16")
+
+    args.out.mkdir(parents=True, exist_ok=True)
+    log = open(args.out / "metrics.jsonl", "a" if args.resume else "w") if rank == 0 else None
+    progress = None
+    if rank == 0 and not args.no_progress:
+        from tqdm import tqdm
+
+        progress = tqdm(total=args.steps, initial=start, desc=args.parallel, dynamic_ncols=True)
+
+    for step in range(start, args.steps):
+        began = time.perf_counter()
+        inputs, targets = data.global_batch(step, args.global_batch)
+        inputs = inputs[dp_rank * per_rank : (dp_rank + 1) * per_rank].to(device)
+        targets = targets[dp_rank * per_rank : (dp_rank + 1) * per_rank].to(device)
+        optimizer.zero_grad(set_to_none=True)
+        loss_sum = torch.zeros((), device=device)
+        for i in range(args.grad_accum):
+            x, y = inputs[i * micro : (i + 1) * micro], targets[i * micro : (i + 1) * micro]
+            with autocast:
+                if schedule is not None:  # the pipeline runs forward and backward itself
+                    losses = []
+                    first_stage = rank < world // 2  # mesh (pp, dp): stage 0 holds the first ranks
+                    schedule.step(*([x] if first_stage else []), target=None if first_stage else y, losses=losses)
+                    # GPipe sums micro-batch gradients; scale to the mean like the others.
+                    loss = torch.stack(losses).mean() if losses else torch.zeros((), device=device)
+                else:
+                    with gradient_sync(model, i == args.grad_accum - 1):
+                        loss = lm_loss(model(x), y)
+                        (loss / args.grad_accum).backward()
+            loss_sum += loss.detach() / args.grad_accum
+        if schedule is not None and args.grad_accum > 1:
+            for p in model.parameters():
+                if p.grad is not None:
+                    p.grad /= args.grad_accum
+        result = clipper.clip_()  # one all-reduce, every element once, same coefficient everywhere
+        optimizer.step()
+
+        # Logging only: the mean loss over the global batch, on rank 0.
+        dist.all_reduce(loss_sum)  # every rank holds a loss, or only the last stage's (pp)
+        loss_value = loss_sum.item() / (world if schedule is None else dp)
+        norm, coef = result.total_norm.item(), result.coef.item()
+        elapsed = time.perf_counter() - began
+        tokens_per_s = args.global_batch * args.seq_len / elapsed
+        if rank == 0:
+            record = {"step": step + 1, "loss": loss_value, "grad_norm": norm, "coef": coef,
+                      "clipped_norm": norm * coef, "max_norm": args.max_norm, "tokens_per_s": tokens_per_s}
+            log.write(json.dumps(record) + "\n")
+            log.flush()
+            if progress is not None:
+                progress.set_postfix(loss=f"{loss_value:.3f}", gnorm=f"{norm:.3f}", coef=f"{coef:.3f}", tok_s=f"{tokens_per_s:.0f}")
+                progress.update(1)
+        if args.save_every and (step + 1) % args.save_every == 0:
+            save_checkpoint(args.out / f"step_{step + 1}", model, optimizer, clipper, step + 1)
+
+    if progress is not None:
+        progress.close()
+    if rank == 0:
+        log.close()
+        plot(args.out / "metrics.jsonl", args.out / "metrics.png")
+        print(f"metrics: {args.out / 'metrics.jsonl'}  plot: {args.out / 'metrics.png'}", flush=True)
+    dist.barrier()
+    dist.destroy_process_group()
+
+
+def plot(metrics: Path, png: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = [json.loads(line) for line in metrics.read_text().splitlines()]
+    steps = [r["step"] for r in rows]
+    fig, (left, right) = plt.subplots(1, 2, figsize=(11, 4))
+    left.plot(steps, [r["loss"] for r in rows])
+    left.set(title="loss", xlabel="step", ylabel="cross-entropy (nats)")
+    right.plot(steps, [r["grad_norm"] for r in rows], label="pre-clip norm")
+    right.plot(steps, [r["clipped_norm"] for r in rows], label="post-clip norm")
+    right.axhline(rows[-1]["max_norm"], color="k", linestyle="--", linewidth=1, label="max_norm")
+    right.set(title="global gradient norm", xlabel="step", yscale="log")
+    right.legend()
+    fig.tight_layout()
+    fig.savefig(png, dpi=100)
+    plt.close(fig)
+
+
+if __name__ == "__main__":
+    train(parse_args())
