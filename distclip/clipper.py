@@ -136,7 +136,8 @@ class GradClipper:
             group_of = None
         else:
             all_grads = [p.grad for p in self.params]
-            key = True if None not in all_grads else tuple(g is not None for g in all_grads)
+            present = [g is not None for g in all_grads]  # not `None in all_grads`: that runs Tensor.__eq__
+            key = True if all(present) else tuple(present)
             grads = all_grads if key is True else [g for g in all_grads if g is not None]
             known, group_of = None, self._group_of_param
             if key is not True and group_of is not None:

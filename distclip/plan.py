@@ -23,6 +23,9 @@ from distclip.topology import Topology, reduction_device
 from torch.distributed.tensor import DTensor
 
 
+CPU_CHUNK = 1 << 16
+
+
 @dataclass
 class _Bucket:
     """Owned pieces of one (device, dtype): whole tensors and flat ranges, by gradient index."""
@@ -62,7 +65,14 @@ class NormPlan:
         for index, start, stop in ownership.owned:
             tensor = local[index]
             whole = start == 0 and stop == tensor.numel()
-            buckets.setdefault((tensor.device, tensor.dtype), []).append((index, start, stop, whole))
+            bucket = buckets.setdefault((tensor.device, tensor.dtype), [])
+            if tensor.device.type == "cpu" and stop - start > CPU_CHUNK:
+                # torch's CPU norm kernels sum each thread's share sequentially in float32: a
+                # 38M-element tensor comes out ~3e-3 off.  Chunks keep each sum short; the
+                # chunks' p-th powers are added in float64.
+                bucket.extend((index, a, min(a + CPU_CHUNK, stop), False) for a in range(start, stop, CPU_CHUNK))
+            else:
+                bucket.append((index, start, stop, whole))
         # Gradients in no group count towards a spare slot k, dropped after the reduction.
         slot = [num_groups if g < 0 else g for g in group_of] if group_of is not None else None
         self.buckets = [

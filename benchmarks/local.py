@@ -1,0 +1,63 @@
+"""Case 1 and 6: one process, GPT-2-small gradient shapes, against torch and the floor.
+
+    python benchmarks/local.py [--device cuda] [--out benchmarks/local.json]
+
+The floor: clipping reads every gradient once for the norm and reads and writes it once for the
+scaling, so it cannot beat 3 x gradient bytes / measured copy bandwidth (2 x bytes per copy).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+
+import torch
+
+import distclip
+from timing import copy_bandwidth, gpt2_small_shapes, median_seconds
+
+
+def per_tensor_loop(params, max_norm):
+    norms = [torch.linalg.vector_norm(p.grad) for p in params]
+    total = torch.linalg.vector_norm(torch.stack(norms))
+    coef = torch.clamp(max_norm / (total + 1e-6), max=1.0)
+    for p in params:
+        p.grad.mul_(coef)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--out", default="local.json")
+    args = parser.parse_args()
+    device = torch.device(args.device)
+    bandwidth = copy_bandwidth(device)
+    rows = []
+    for dtype in (torch.float32, torch.bfloat16):
+        params = [torch.nn.Parameter(torch.empty(s, device=device, dtype=dtype)) for s in gpt2_small_shapes()]
+        for p in params:
+            p.grad = torch.randn(p.shape, device=device, dtype=dtype)
+        nbytes = sum(p.grad.numel() * p.grad.element_size() for p in params)
+        clipper = distclip.GradClipper(params, max_norm=1e9)  # 1e9: measure the work, keep the values
+        cases = {
+            "torch foreach": lambda: torch.nn.utils.clip_grad_norm_(params, 1e9, foreach=True),
+            "torch per-tensor loop": lambda: per_tensor_loop(params, 1e9),
+            "distclip.clip_grad_norm_": lambda: distclip.clip_grad_norm_(params, 1e9),
+            "distclip.GradClipper": clipper.clip_,
+        }
+        times = {name: median_seconds(fn) for name, fn in cases.items()}
+        floor = 3 * nbytes / bandwidth
+        for name, seconds in times.items():
+            rows.append({"dtype": str(dtype).split(".")[1], "case": name, "ms": seconds * 1e3,
+                         "vs_torch": seconds / times["torch foreach"], "vs_floor": seconds / floor,
+                         "tensors": len(params), "grad_bytes": nbytes})
+    print(f"device {device}, copy bandwidth {bandwidth / 1e9:.1f} GB/s")
+    print(f"{'dtype':9} {'case':28} {'ms':>9} {'x torch':>8} {'x floor':>8}")
+    for r in rows:
+        print(f"{r['dtype']:9} {r['case']:28} {r['ms']:9.2f} {r['vs_torch']:8.2f} {r['vs_floor']:8.2f}")
+    with open(args.out, "w") as f:
+        json.dump({"device": str(device), "copy_bandwidth_GBps": bandwidth / 1e9, "rows": rows}, f, indent=1)
+
+
+if __name__ == "__main__":
+    main()
