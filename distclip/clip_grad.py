@@ -75,11 +75,11 @@ def _global_norm(
     """(total norm, invalid flag, plan, local tensors) for this rank's ``grads``: one collective."""
     plan = NormPlan(grads, topology, known)
     local = plan.local_tensors(grads)
-    reduced = plan.global_norms(local, pnorm, foreach)
-    total = reduced.norms[0].to(device=plan.out_device or plan.device, dtype=plan.out_dtype)
+    norms, invalid = plan.global_norms(local, pnorm, foreach)
+    total = norms[0]
     if error_if_nonfinite and bool(total.isnan() | total.isinf()):
         raise RuntimeError(_NONFINITE_MESSAGE.format(pnorm.p))
-    return total, reduced.invalid, plan, local
+    return total, invalid, plan, local
 
 
 @torch.no_grad()
@@ -190,6 +190,6 @@ def clip_grad_norm_(
     total, invalid, plan, local = _global_norm(grads, known, pnorm, error_if_nonfinite, foreach, topology)
     # A problem reported by another rank that could not be raised here without a sync leaves
     # the gradients as they are rather than scaling them by NaN.
-    coefficient = torch.where(invalid.to(total.device), 1.0, clip_coefficient(max_norm, total))
+    coefficient = clip_coefficient(max_norm, total, keep=invalid)
     plan.scale_(local, coefficient, foreach)
     return total

@@ -156,22 +156,16 @@ class GradClipper:
         """Global norms and the coefficient, without touching the gradients."""
         grads, plan = self._current()
         local = plan.local_tensors(grads)
-        reduced = plan.global_norms(local, self.pnorm, self.foreach)
-        norms = reduced.norms
-        if loss_scale is not None:  # gradients still multiplied by GradScaler's scale
-            norms = norms / loss_scale.to(norms.device, torch.float64)
-        norms = norms.to(device=plan.out_device or plan.device, dtype=plan.out_dtype)
+        # With GradScaler's scale still in the gradients, the norm is divided by it.
+        norms, invalid = plan.global_norms(local, self.pnorm, self.foreach, divide_by=loss_scale)
         total = norms[0]
         nonfinite = total.isnan() | total.isinf()
         if self.nonfinite == "error" and bool(nonfinite):
             raise RuntimeError(
                 f"distclip: the global gradient norm is non-finite ({total.item()}) on step {self.steps}"
             )
-        coef = clip_coefficient(self.max_norm, total)
-        keep = reduced.invalid.to(total.device)
-        if self.nonfinite == "skip":
-            keep = keep | nonfinite
-        coef = torch.where(keep, 1.0, coef)
+        keep = invalid | nonfinite.to(invalid.device) if self.nonfinite == "skip" else invalid
+        coef = clip_coefficient(self.max_norm, total, keep=keep)
         groups = {name: norms[1 + i] for i, name in enumerate(self.group_names)}
         result = ClipResult(total, coef, nonfinite, groups)
         self._record(result)

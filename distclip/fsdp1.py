@@ -18,7 +18,7 @@ from __future__ import annotations
 from torch import Tensor, nn
 import torch.distributed as dist
 
-from distclip.ownership import Attribution, OwnershipError, Problem, shard_copy_set
+from distclip.ownership import Attribution, OwnershipError, Problem, check_within_group, shard_copy_set
 from distclip.topology import Topology
 
 try:
@@ -50,13 +50,10 @@ def _unit_attribution(unit: nn.Module, topology: Topology) -> Attribution:
     else:
         same_shard = [shard_group.index(topology.rank)]
     if unit.sharding_strategy in _HYBRID:
+        # The inter-node group is exactly the set of ranks holding this rank's shard.
         replicas = dist.get_process_group_ranks(unit._inter_node_pg)
-        outside = sorted(set(replicas) - set(topology.group_ranks))
-        if outside:
-            raise OwnershipError(
-                Problem.MESH_OUTSIDE_GROUP, f"FSDP1 inter-node group {replicas} holds ranks {outside}"
-            )
-        shard_copy_set(shard_group, same_shard, list(topology.group_ranks), topology)  # validates
+        check_within_group(shard_group, topology)
+        check_within_group(replicas, topology)
         return Attribution(tuple(sorted(replicas)), _model_ranges(flat_param))
     copies = shard_copy_set(shard_group, same_shard, list(topology.group_ranks), topology)
     return Attribution(copies, _model_ranges(flat_param))

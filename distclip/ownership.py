@@ -92,6 +92,17 @@ def _parallel_slices(mesh_ranks: list[int], rank_space: list[int]) -> list[list[
     return slices
 
 
+def check_within_group(ranks: Sequence[int], topology: Topology) -> None:
+    """Raise OwnershipError if a gradient is sharded or replicated over ranks outside `group`:
+    their part of it would never reach the reduction."""
+    outside = sorted(set(ranks) - set(topology.group_ranks))
+    if outside:
+        raise OwnershipError(
+            Problem.MESH_OUTSIDE_GROUP,
+            f"ranks {outside} of {list(ranks)} are not in `group` {list(topology.group_ranks)}",
+        )
+
+
 def shard_copy_set(
     shard_group: list[int], same_shard: list[int], rank_space: list[int], topology: Topology
 ) -> tuple[int, ...]:
@@ -102,12 +113,7 @@ def shard_copy_set(
     ``replica_group`` outside the group hold copies when they sit at those positions of a sibling
     slice of ``rank_space`` (the root mesh, or `group`'s order).
     """
-    outside = sorted(set(shard_group) - set(topology.group_ranks))
-    if outside:
-        raise OwnershipError(
-            Problem.MESH_OUTSIDE_GROUP,
-            f"ranks {outside} of {shard_group} are not in `group` {list(topology.group_ranks)}",
-        )
+    check_within_group(shard_group, topology)
     copies = {shard_group[i] for i in same_shard}
     replicas = set(topology.replica_ranks)
     if replicas <= set(shard_group):

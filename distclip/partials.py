@@ -56,35 +56,30 @@ class PNorm:
         """The partial of a rank that owns no element."""
         return math.inf if self.p == -math.inf else 0.0
 
-    def partial_of_norms(self, norms: Tensor) -> Tensor:
-        """Per-tensor norms (1-D) -> one partial in float64 (p-th powers summed, or max/min)."""
+    def powered(self, norms: Tensor) -> Tensor:
+        """Per-tensor norms -> the additive (or max/min-able) quantities, in float64: the p-th
+        powers for finite p > 0, the norms themselves for 0 (counts) and +-inf."""
         norms = norms.to(torch.float64)
-        if self.reduce_op == "max":
-            return norms.amax()
-        if self.reduce_op == "min":
-            return norms.amin()
-        return norms.sum() if self.p == 0 else norms.pow(self.p).sum()
+        return norms.pow(self.p) if self.reduce_op == "sum" and self.p != 0 else norms
 
-    def merge(self, partials: Sequence[Tensor], device: torch.device) -> Tensor:
-        """Combine partials (from different devices/dtypes) into one on ``device``."""
-        return self.merge_vectors([p.reshape(1) for p in partials], 1, device)[0]
+    def combine(self, values: Tensor, dim: int | None = None) -> Tensor:
+        """Combine partials with this norm's op (sum, max or min), over ``dim`` or all."""
+        op = {"sum": torch.sum, "max": torch.amax, "min": torch.amin}[self.reduce_op]
+        return op(values) if dim is None else op(values, dim)
 
-    def partial_by_group(self, norms: Tensor, slots: Tensor, num_groups: int) -> Tensor:
-        """Per-tensor norms -> one partial per group (``slots[i]`` is tensor i's group; slot
-        ``num_groups`` collects tensors in no group and is dropped)."""
-        norms = norms.to(torch.float64)
-        values = norms if self.reduce_op != "sum" or self.p == 0 else norms.pow(self.p)
+    def combine_by_group(self, values: Tensor, slots: Tensor, num_groups: int) -> Tensor:
+        """Powered values -> one partial per group (``slots[i]`` is value i's group; slot
+        ``num_groups`` collects values in no group and is dropped)."""
         reduce = {"sum": "sum", "max": "amax", "min": "amin"}[self.reduce_op]
-        out = torch.full((num_groups + 1,), self.identity, dtype=torch.float64, device=norms.device)
+        out = torch.full((num_groups + 1,), self.identity, dtype=torch.float64, device=values.device)
         return out.scatter_reduce_(0, slots, values, reduce)[:num_groups]
 
-    def merge_vectors(self, partials: Sequence[Tensor], size: int, device: torch.device) -> Tensor:
-        """Combine per-group partial vectors (from different devices/dtypes) on ``device``."""
+    def merge(self, partials: Sequence[Tensor], size: int, device: torch.device) -> Tensor:
+        """Combine partial vectors of ``size`` entries (from different devices/dtypes) on
+        ``device``; no partials at all give the identity."""
         if not partials:
             return torch.full((size,), self.identity, dtype=torch.float64, device=device)
-        stacked = torch.stack([partial.to(device) for partial in partials])
-        op = self.reduce_op
-        return stacked.amax(0) if op == "max" else stacked.amin(0) if op == "min" else stacked.sum(0)
+        return self.combine(torch.stack([partial.to(device) for partial in partials]), dim=0)
 
     def finish(self, combined: Tensor) -> Tensor:
         """The global partial -> the norm."""

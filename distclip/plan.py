@@ -17,7 +17,7 @@ from torch import Tensor
 
 from distclip.ownership import Attribution, OwnershipError, Problem, plan_ownership
 from distclip.partials import PNorm, use_foreach
-from distclip.reduction import Reduced, all_reduce_partials, raise_problems
+from distclip.reduction import all_reduce_partials, raise_problems
 from distclip.scaling import scale_grouped_
 from distclip.topology import Topology, reduction_device
 from torch.distributed.tensor import DTensor
@@ -55,8 +55,9 @@ class NormPlan:
         self.num_groups = num_groups
         self.is_dtensor = [isinstance(g, DTensor) for g in grads]
         local = self.local_tensors(grads)
-        self.out_device = local[0].device if local else None
-        self.device = reduction_device(topology, fallback=self.out_device or torch.device("cpu"))
+        self.device = reduction_device(topology, fallback=local[0].device if local else torch.device("cpu"))
+        # The norms are returned where the gradients live (the reduction's device if none here).
+        self.out_device = local[0].device if local else self.device
         self.out_dtype = torch.float64 if any(t.dtype == torch.float64 for t in local) else torch.float32
 
         ownership = plan_ownership(grads, topology, known)
@@ -113,23 +114,30 @@ class NormPlan:
         reduction device."""
         totals, per_group = [], []
         for bucket in self.buckets:
-            norms = self._bucket_norms(bucket, local, pnorm, foreach)
-            totals.append(pnorm.partial_of_norms(norms))
+            values = pnorm.powered(self._bucket_norms(bucket, local, pnorm, foreach))
+            totals.append(pnorm.combine(values).reshape(1))
             if self.num_groups:
-                per_group.append(pnorm.partial_by_group(norms, bucket.group_ids, self.num_groups))
-        total = pnorm.merge(totals, self.device).reshape(1)
+                per_group.append(pnorm.combine_by_group(values, bucket.group_ids, self.num_groups))
+        total = pnorm.merge(totals, 1, self.device)
         if not self.num_groups:
             return total
-        groups = pnorm.merge_vectors(per_group, self.num_groups, self.device)
-        return torch.cat([total, groups])
+        return torch.cat([total, pnorm.merge(per_group, self.num_groups, self.device)])
 
-    def global_norms(self, local: Sequence[Tensor], pnorm: PNorm, foreach: bool | None) -> Reduced:
-        """Partials -> the one all-reduce -> norms, raising reported problems on every rank."""
+    def global_norms(
+        self, local: Sequence[Tensor], pnorm: PNorm, foreach: bool | None, divide_by: Tensor | None = None
+    ) -> tuple[Tensor, Tensor]:
+        """Partials -> the one all-reduce -> ``(norms, invalid)``: the k norms ``[total, groups]``
+        in the output dtype on the output device (divided by ``divide_by`` first, in float64:
+        GradScaler's scale), and True where a rank reported a problem.  Reported problems are
+        raised on every rank that knows of them."""
         reduced = all_reduce_partials(
             self.partials(local, pnorm, foreach), self.presence, self.problems, pnorm, self.topology
         )
         raise_problems(reduced, self.problems)
-        return reduced
+        norms = reduced.norms
+        if divide_by is not None:
+            norms = norms / divide_by.to(norms.device, torch.float64)
+        return norms.to(device=self.out_device, dtype=self.out_dtype), reduced.invalid
 
     def scale_(self, local: Sequence[Tensor], coefficient: Tensor, foreach: bool | None) -> None:
         """Multiply every local gradient in place by ``coefficient``."""

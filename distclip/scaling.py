@@ -20,12 +20,16 @@ def check_max_norm(max_norm: float) -> float:
     return value
 
 
-def clip_coefficient(max_norm: float, total_norm: Tensor) -> Tensor:
-    """``min(max_norm / (total_norm + 1e-6), 1)``, torch's coefficient, on total_norm's device.
+def clip_coefficient(max_norm: float, total_norm: Tensor, keep: Tensor | None = None) -> Tensor:
+    """``min(max_norm / (total_norm + 1e-6), 1)``, torch's coefficient, on total_norm's device;
+    1 wherever the 0-dim bool ``keep`` is True (the gradients are then left as they are).
 
-    Clamping instead of ``if coef < 1`` keeps the host from waiting for the device.
+    Clamping and ``torch.where`` instead of ``if`` keep the host from waiting for the device.
     """
-    return torch.clamp(max_norm / (total_norm + 1e-6), max=1.0)
+    coefficient = torch.clamp(max_norm / (total_norm + 1e-6), max=1.0)
+    if keep is None:
+        return coefficient
+    return torch.where(keep.to(coefficient.device), 1.0, coefficient)
 
 
 def scale_grouped_(groups: Sequence[Sequence[Tensor]], coefficient: Tensor, foreach: bool | None = None) -> None:
