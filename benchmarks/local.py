@@ -51,12 +51,27 @@ def main() -> None:
             rows.append({"dtype": str(dtype).split(".")[1], "case": name, "ms": seconds * 1e3,
                          "vs_torch": seconds / times["torch foreach"], "vs_floor": seconds / floor,
                          "tensors": len(params), "grad_bytes": nbytes})
+    sweep = []
+    for total_mb in (4, 16, 64, 256):  # 150 equal fp32 tensors, growing total size
+        numel = total_mb * (1 << 20) // 4 // 150
+        params = [torch.nn.Parameter(torch.empty(numel, device=device)) for _ in range(150)]
+        for p in params:
+            p.grad = torch.randn(numel, device=device)
+        nbytes = 150 * numel * 4
+        clipper = distclip.GradClipper(params, max_norm=1e9)
+        torch_s = median_seconds(lambda: torch.nn.utils.clip_grad_norm_(params, 1e9, foreach=True))
+        ours_s = median_seconds(clipper.clip_)
+        sweep.append({"grad_bytes": nbytes, "torch_ms": torch_s * 1e3, "distclip_ms": ours_s * 1e3,
+                      "floor_ms": 3 * nbytes / bandwidth * 1e3})
     print(f"device {device}, copy bandwidth {bandwidth / 1e9:.1f} GB/s")
     print(f"{'dtype':9} {'case':28} {'ms':>9} {'x torch':>8} {'x floor':>8}")
     for r in rows:
         print(f"{r['dtype']:9} {r['case']:28} {r['ms']:9.2f} {r['vs_torch']:8.2f} {r['vs_floor']:8.2f}")
+    print(f"{'grad MB':>8} {'torch ms':>9} {'GradClipper ms':>15} {'floor ms':>9}")
+    for r in sweep:
+        print(f"{r['grad_bytes'] / 2**20:8.0f} {r['torch_ms']:9.2f} {r['distclip_ms']:15.2f} {r['floor_ms']:9.2f}")
     with open(args.out, "w") as f:
-        json.dump({"device": str(device), "copy_bandwidth_GBps": bandwidth / 1e9, "rows": rows}, f, indent=1)
+        json.dump({"device": str(device), "copy_bandwidth_GBps": bandwidth / 1e9, "rows": rows, "sweep": sweep}, f, indent=1)
 
 
 if __name__ == "__main__":

@@ -41,7 +41,10 @@ class _Parser(argparse.ArgumentParser):
 
 def fail(message: str) -> None:
     if int(os.environ.get("RANK", "0")) == 0:
-        print(f"train.py: error: {message}", file=sys.stderr, flush=True)
+        # One write: print() writes the text and the newline separately, and torchrun's agent
+        # shares the pipe, so its log lines could land in between.
+        sys.stderr.write(f"train.py: error: {message}\n")
+        sys.stderr.flush()
     sys.exit(2)
 
 

@@ -44,3 +44,12 @@ def test_bf16_sharded_gradients_match_the_float64_reference(ranks, world_size, n
     # Within float32 rounding of the float64 norm however the tensors are split: the norm of a
     # bf16 model no longer depends on its sharding.
     assert_same_on_all_ranks(ranks(world_size).run(_bf16_sharded_clip, norm_type))
+
+
+@pytest.mark.parametrize("norm_type", [2.0, 1.0])
+def test_large_cpu_tensor_norm_stays_within_float32_rounding(norm_type):
+    # torch's CPU norm kernel sums long runs sequentially in float32 (7e-5 off here for p=2);
+    # distclip reduces CPU tensors in chunks and adds the chunks in float64.
+    grad = torch.randn(1 << 22, generator=torch.Generator().manual_seed(0)) + 1.0
+    reference = torch.linalg.vector_norm(grad.double(), norm_type).item()
+    assert distclip.get_total_norm([grad], norm_type).item() == pytest.approx(reference, rel=1e-5)
