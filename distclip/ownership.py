@@ -17,7 +17,7 @@ member computes the same split from the same ordered tensor list, so no communic
 from __future__ import annotations
 
 import enum
-import functools
+import weakref
 from dataclasses import dataclass, field
 from typing import Mapping, Sequence
 
@@ -144,8 +144,22 @@ def shard_copy_set(
     return tuple(sorted(copies))
 
 
-@functools.lru_cache(maxsize=4096)
+# Copy sets per mesh, kept only as long as the mesh lives: a cache that held meshes would also
+# hold their process groups (and each gloo group's threads) for the life of the process.
+_COPY_SETS: "weakref.WeakKeyDictionary[DeviceMesh, dict]" = weakref.WeakKeyDictionary()
+
+
 def _dtensor_copy_set(
+    mesh: DeviceMesh, placements: tuple[Placement, ...], topology: Topology
+) -> tuple[int, ...]:
+    cached = _COPY_SETS.setdefault(mesh, {})
+    key = (placements, topology)
+    if key not in cached:
+        cached[key] = _compute_dtensor_copy_set(mesh, placements, topology)
+    return cached[key]
+
+
+def _compute_dtensor_copy_set(
     mesh: DeviceMesh, placements: tuple[Placement, ...], topology: Topology
 ) -> tuple[int, ...]:
     if any(p.is_partial() for p in placements):

@@ -29,6 +29,7 @@ import distclip
 
 PARALLELISMS = ("ddp", "fsdp2", "hsdp", "fsdp2+tp", "pp", "fsdp1")
 DEFAULT_DATA = Path(__file__).resolve().parent / "data" / "corpus.txt"
+FAIL_WAIT_S = 60.0
 
 
 # ----------------------------------------------------------------------------- arguments
@@ -45,6 +46,11 @@ def fail(message: str) -> None:
         # shares the pipe, so its log lines could land in between.
         sys.stderr.write(f"train.py: error: {message}\n")
         sys.stderr.flush()
+    else:
+        # Every rank validates alike, but the first to exit makes torchrun stop the others: a
+        # rank that exited first could kill rank 0 before it says why.  So the others wait for
+        # rank 0's exit to stop them (bounded, in case rank 0 is gone already).
+        time.sleep(FAIL_WAIT_S)
     sys.exit(2)
 
 

@@ -9,6 +9,7 @@ fresh one, so a hang fails one test fast instead of wedging the session.
 
 from __future__ import annotations
 
+import gc
 import multiprocessing as mp
 import os
 import queue
@@ -40,10 +41,47 @@ def _worker(rank: int, world_size: int, init_file: str, sys_path: list[str], tas
             break
         fn, args, kwargs = task
         try:
-            results.put((rank, True, fn(*args, **kwargs)))
+            outcome = (rank, True, fn(*args, **kwargs))
         except BaseException:  # report everything, pytest.fail and KeyboardInterrupt included
-            results.put((rank, False, traceback.format_exc()))
+            outcome = (rank, False, traceback.format_exc())
+        # Before reporting, so that the next task never overlaps this one's clean-up.
+        release_task_groups()
+        results.put(outcome)
     dist.destroy_process_group()
+
+
+def release_task_groups() -> int:
+    """Destroy every process group but WORLD; return how many there were.
+
+    Tests create groups (``new_group``, every DeviceMesh with a dimension smaller than the
+    world, FSDP1 hybrid sharding) and a reused worker would keep them all: each gloo group holds
+    its own threads, and hundreds of tests made hundreds of groups per worker.  Every rank runs
+    the same tasks, so every rank destroys the same groups; gloo needs no peer for it.
+    """
+    import torch.distributed as dist
+    from torch.distributed.distributed_c10d import _world
+
+    created = [pg for pg in list(_world.pg_map) if pg is not dist.group.WORLD]
+    for pg in created:
+        dist.destroy_process_group(pg)
+    _forget_dtensor_caches()
+    gc.collect()  # DeviceMesh and DTensor objects referring to them
+    return len(created)
+
+
+def _forget_dtensor_caches() -> None:
+    """Clear DTensor's process-wide caches of meshes.
+
+    They are keyed by mesh *value*: a later test's new mesh equal to an old one would be served
+    the old one's plans, flattened meshes included, whose process groups are destroyed by then.
+    """
+    from torch.distributed.tensor import _collective_utils, _redistribute
+    from torch.distributed.tensor.debug import _clear_sharding_prop_cache
+
+    _clear_sharding_prop_cache()  # the Python and the C++ fast-path caches (torch's own test helper)
+    _redistribute._gen_transform_infos.cache_clear()
+    _redistribute.clear_redistribute_planner_cache()
+    _collective_utils.MeshTopoInfo.build_from_mesh.cache_clear()
 
 
 class RankFailure(AssertionError):

@@ -33,11 +33,24 @@ def ddp_history(tmp_path_factory):
     return _history(out)
 
 
-@pytest.mark.parametrize("parallel", ["fsdp2", "hsdp", "fsdp2+tp", "pp", "fsdp1"])
-def test_every_parallelism_agrees_with_ddp_on_the_grad_norm_history(parallel, ddp_history, tmp_path):
-    result = _torchrun(2, *TINY, "--parallel", parallel, "--out", str(tmp_path), cwd=tmp_path)
+@pytest.fixture(scope="module")
+def fsdp2_run(tmp_path_factory):
+    """An FSDP2 run that also checkpoints at step 2: the agreement and the resume test share it."""
+    out = tmp_path_factory.mktemp("fsdp2")
+    result = _torchrun(2, *TINY, "--parallel", "fsdp2", "--save-every", "2", "--out", str(out), cwd=out)
     assert result.returncode == 0, result.stderr[-3000:]
-    history = _history(tmp_path)
+    return out
+
+
+@pytest.mark.parametrize("parallel", ["fsdp2", "hsdp", "fsdp2+tp", "pp", "fsdp1"])
+def test_every_parallelism_agrees_with_ddp_on_the_grad_norm_history(parallel, ddp_history, tmp_path, request):
+    if parallel == "fsdp2":
+        out = request.getfixturevalue("fsdp2_run")
+    else:
+        out = tmp_path
+        result = _torchrun(2, *TINY, "--parallel", parallel, "--out", str(out), cwd=out)
+        assert result.returncode == 0, result.stderr[-3000:]
+    history = _history(out)
     assert len(history) == len(ddp_history) == 3
     for ours, reference in zip(history, ddp_history):
         assert abs(ours - reference) <= 1e-4 * reference, (parallel, history, ddp_history)
@@ -49,14 +62,12 @@ def test_gradient_accumulation_clips_once_per_step_with_the_same_norms(ddp_histo
     assert _history(tmp_path) == pytest.approx(ddp_history, rel=1e-4)
 
 
-def test_resume_from_a_checkpoint_continues_the_same_history(ddp_history, tmp_path):
-    first = _torchrun(2, *TINY, "--parallel", "fsdp2", "--save-every", "2", "--out", str(tmp_path / "a"), cwd=tmp_path)
-    assert first.returncode == 0, first.stderr[-3000:]
-    resumed = _torchrun(2, *TINY, "--parallel", "fsdp2", "--resume", str(tmp_path / "a" / "step_2"),
-                        "--out", str(tmp_path / "b"), cwd=tmp_path)
+def test_resume_from_a_checkpoint_continues_the_same_history(fsdp2_run, tmp_path):
+    resumed = _torchrun(2, *TINY, "--parallel", "fsdp2", "--resume", str(fsdp2_run / "step_2"),
+                        "--out", str(tmp_path), cwd=tmp_path)
     assert resumed.returncode == 0, resumed.stderr[-3000:]
-    assert _history(tmp_path / "b") == _history(tmp_path / "a")[2:]
-    assert (tmp_path / "a" / "metrics.png").stat().st_size > 0
+    assert _history(tmp_path) == _history(fsdp2_run)[2:]
+    assert (fsdp2_run / "metrics.png").stat().st_size > 0
 
 
 @pytest.mark.parametrize(
