@@ -35,6 +35,7 @@ class Problem(enum.Enum):
 
     Such a problem may be visible on some ranks only (a pipeline stage), so it is not raised on
     the spot: it rides the single all-reduce as a flag and every rank raises it together.
+    COPIES_DIFFER is found by no rank alone: the copy check in the same all-reduce finds it.
     """
 
     MESH_OUTSIDE_GROUP = (
@@ -46,6 +47,13 @@ class Problem(enum.Enum):
         "until it is reduced: redistribute it to Shard/Replicate before clipping"
     )
     REPLICA_GROUP_OUTSIDE_GROUP = "`replica_group` must contain this rank and lie within `group`"
+    COPIES_DIFFER = (
+        "ranks assumed to hold copies of the same gradients hold different ones (a different "
+        "number of tensors, shapes, dtypes or values), so the norm would be wrong. Pipeline "
+        "stages or other ranks holding different tensors? pass replica_group=<the data-parallel "
+        "group> (a one-rank group without data parallelism). Gradients not yet synchronized "
+        "(no_sync, gradient accumulation)? clip after the synchronizing backward"
+    )
     UNKNOWN_CORRESPONDENCE = (
         "cannot tell which ranks hold copies of a DTensor gradient: `replica_group` reaches ranks "
         "outside its mesh that no common root DeviceMesh (or `group`) lines up with it"
@@ -247,6 +255,9 @@ class Ownership:
 
     owned: list[Segment]
     problems: dict[Problem, str] = field(default_factory=dict)
+    copy_buckets: dict[tuple[int, ...], list[Segment]] = field(default_factory=dict)
+    """The segments of each copy set of more than one rank, in order (what the copy check
+    fingerprints)."""
 
 
 def plan_ownership(
@@ -283,4 +294,8 @@ def plan_ownership(
         copy_sets.extend(attribution.copies for _ in ranges)
     if problems:
         return Ownership([], problems)
-    return Ownership(split_work(segments, copy_sets, topology.rank), problems)
+    copy_buckets: dict[tuple[int, ...], list[Segment]] = {}
+    for segment, members in zip(segments, copy_sets):
+        if len(members) > 1:
+            copy_buckets.setdefault(members, []).append(segment)
+    return Ownership(split_work(segments, copy_sets, topology.rank), problems, copy_buckets)

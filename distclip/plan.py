@@ -15,6 +15,7 @@ from typing import Mapping, Sequence
 import torch
 from torch import Tensor
 
+from distclip.copycheck import CopyCheck
 from distclip.ownership import Attribution, OwnershipError, Problem, plan_ownership
 from distclip.partials import PNorm, use_foreach
 from distclip.reduction import all_reduce_partials, raise_problems
@@ -64,6 +65,7 @@ class NormPlan:
 
         ownership = plan_ownership(grads, topology, known)
         self.problems: dict[Problem, str] = ownership.problems
+        self.copy_check = CopyCheck(ownership.copy_buckets, local, topology.rank)
         buckets: dict[tuple[torch.device, torch.dtype], list[tuple[int, int, int, bool]]] = {}
         for index, start, stop in ownership.owned:
             tensor = local[index]
@@ -128,12 +130,17 @@ class NormPlan:
     def global_norms(
         self, local: Sequence[Tensor], pnorm: PNorm, foreach: bool | None, divide_by: Tensor | None = None
     ) -> tuple[Tensor, Tensor]:
-        """Partials -> the one all-reduce -> ``(norms, invalid)``: the k norms ``[total, groups]``
-        in the output dtype on the output device (divided by ``divide_by`` first, in float64:
-        GradScaler's scale), and True where a rank reported a problem.  Reported problems are
-        raised on every rank that knows of them."""
+        """Partials and the copy check -> the one all-reduce -> ``(norms, invalid)``: the k norms
+        ``[total, groups]`` in the output dtype on the output device (divided by ``divide_by``
+        first, in float64: GradScaler's scale), and True where a rank reported a problem or the
+        copies assumed differ.  Problems are raised on every rank that knows of them."""
         reduced = all_reduce_partials(
-            self.partials(local, pnorm, foreach), self.presence, self.problems, pnorm, self.topology
+            self.partials(local, pnorm, foreach),
+            self.presence,
+            self.problems,
+            pnorm,
+            self.topology,
+            self.copy_check.contributions(local, self.device),
         )
         raise_problems(reduced, self.problems)
         norms = reduced.norms

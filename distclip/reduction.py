@@ -1,13 +1,19 @@
-"""The one reduction: every rank's partials, NaN signals and problem flags in a single all-reduce.
+"""The one reduction: every rank's partials, NaN signals, problem flags and the copy check in a
+single SUM all-reduce.
 
 The vector sent by each rank (float64, on the backend's device) is::
 
-    [ values (k) | nan flags (k) | has-elements flags (k) | problem flags (len(Problem)) ]
+    [ values (k, or k * group size) | nan flags (k) | has-elements flags (k)
+      | problem flags (len(LOCAL_PROBLEMS)) | copy check (copycheck.SIZE) ]
 
-and it is reduced with one op: SUM for finite p (p-th powers, nonzero counts), MAX for inf,
-MIN for -inf.  Flags are 0/1 (stored as 0/-1 under MIN) so the same op also ORs them.  A NaN is
-replaced by the op's identity before sending and restored from its flag after, because a
-MAX/MIN all-reduce may drop NaN (comparisons with NaN are false); inf survives every op.
+Everything is reduced with SUM, for every norm type, because the copy check needs a sum (see
+:mod:`distclip.copycheck`).  For finite p the values are the p-th powers (or nonzero counts),
+which add.  For inf/-inf each rank writes its max/min of ``|x|`` into its own row of a
+``(group size, k)`` block and zeros elsewhere: a sum of one value and zeros is that value
+exactly, so after the reduction every rank holds every rank's partial and takes the max/min
+locally, in the same order, with the same bits.  (That block grows with the group: 8 bytes per
+rank and norm, 128 KiB at 16,384 ranks, for the inf norms only.)  A NaN is replaced by 0 before
+sending and restored from its flag after; flags are 0/1 and their sums count.
 ``k`` is 1 for the functional API and 1 + number of groups when per-group norms ride along.
 """
 
@@ -19,21 +25,23 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 
+from distclip.copycheck import copies_differ
 from distclip.ownership import Problem
 from distclip.partials import PNorm
 from distclip.topology import Topology
 
-_PROBLEMS = list(Problem)
-_OPS = {"sum": dist.ReduceOp.SUM, "max": dist.ReduceOp.MAX, "min": dist.ReduceOp.MIN}
+# Problems a rank finds in its own gradients; COPIES_DIFFER is found by the reduction itself.
+LOCAL_PROBLEMS = [p for p in Problem if p is not Problem.COPIES_DIFFER]
 
 
 @dataclass
 class Reduced:
     """The outcome of the reduction, identical on every rank of the group.
 
-    ``norms``: the k global norms (float64).  ``problems``: problems some rank reported, read on
-    the host only when that costs no device sync (``None`` when left unread).  ``invalid``: a
-    0-dim bool tensor, True when any rank reported a problem (then ``norms`` are NaN).
+    ``norms``: the k global norms (float64).  ``problems``: problems some rank reported or the
+    copy check found, read on the host only when that costs no device sync (``None`` when left
+    unread).  ``invalid``: a 0-dim bool tensor, True when there is a problem (then ``norms``
+    are NaN).
     """
 
     norms: Tensor
@@ -47,37 +55,50 @@ def all_reduce_partials(
     local_problems: dict[Problem, str],
     pnorm: PNorm,
     topology: Topology,
+    copy_check: Tensor,
 ) -> Reduced:
     """Combine the k partials of every rank of ``topology``'s group with one collective.
 
-    ``partials`` is a float64 vector of k entries on the reduction device.  Without a
-    process group nothing is communicated and the same decoding applies.
+    ``partials`` is a float64 vector of k entries on the reduction device, ``copy_check`` this
+    rank's contribution to the copy check (see :mod:`distclip.copycheck`).  Without a process
+    group nothing is communicated and the same decoding applies.
     """
     k = partials.numel()
     device = partials.device
     nan = partials.isnan()
-    flag_sign = -1.0 if pnorm.reduce_op == "min" else 1.0
-    flags = [flag_sign * float(f) for f in has_elements]
-    flags += [flag_sign * float(problem in local_problems) for problem in _PROBLEMS]
+    values = torch.where(nan, torch.zeros_like(partials), partials)
+    ranks = len(topology.group_ranks)
+    spread = pnorm.reduce_op != "sum"
+    if spread:  # this rank's row of the (ranks, k) block
+        position = topology.group_ranks.index(topology.rank)
+        values = torch.zeros(ranks, k, dtype=torch.float64, device=device).index_copy_(
+            0, torch.tensor([position], device=device), values.reshape(1, k)
+        ).reshape(-1)
+    flags = [float(f) for f in has_elements] + [float(p in local_problems) for p in LOCAL_PROBLEMS]
     vector = torch.cat(
-        [
-            torch.where(nan, torch.full_like(partials, pnorm.identity), partials),
-            nan.to(torch.float64) * flag_sign,
-            torch.tensor(flags, dtype=torch.float64, device=device),
-        ]
+        [values, nan.to(torch.float64), torch.tensor(flags, dtype=torch.float64, device=device), copy_check.to(device)]
     )
     if topology.communicates:
-        dist.all_reduce(vector, op=_OPS[pnorm.reduce_op], group=topology.process_group)
+        dist.all_reduce(vector, op=dist.ReduceOp.SUM, group=topology.process_group)
 
-    values, nan_flags, presence, problem_flags = vector.split([k, k, k, len(_PROBLEMS)])
+    values, nan_flags, presence, problem_flags, check = vector.split(
+        [values.numel(), k, k, len(LOCAL_PROBLEMS), copy_check.numel()]
+    )
+    if spread:  # row r is exactly what rank r wrote (its partial, or the identity)
+        values = pnorm.combine(values.reshape(ranks, k), dim=0)
     # -inf norm of no element at all: 0, as torch returns for no gradients.
     values = torch.where(presence != 0, values, torch.zeros_like(values))
-    invalid = (problem_flags != 0).any()
+    nonfinite = (nan_flags != 0) | values.isinf()
+    # A non-finite norm explains differing copies (a NaN on one replica) and has its own policy.
+    differ = copies_differ(check) & ~nonfinite.any()
+    invalid = (problem_flags != 0).any() | differ
     norms = torch.where((nan_flags != 0) | invalid, torch.full_like(values, float("nan")), pnorm.finish(values))
 
     problems = None
     if device.type == "cpu":  # reading flags on the host is free here
-        problems = [p for p, flag in zip(_PROBLEMS, problem_flags.tolist()) if flag != 0]
+        problems = [p for p, flag in zip(LOCAL_PROBLEMS, problem_flags.tolist()) if flag != 0]
+        if bool(differ):
+            problems.append(Problem.COPIES_DIFFER)
     return Reduced(norms, invalid, problems)
 
 
@@ -93,6 +114,9 @@ def raise_problems(reduced: Reduced, local_problems: dict[Problem, str]) -> None
         return
     lines = []
     for problem in problems:
+        if problem is Problem.COPIES_DIFFER:
+            lines.append(f"{problem.value} (found by the copy check in the reduction)")
+            continue
         detail = local_problems.get(problem, "reported by another rank of the group")
         lines.append(f"{problem.value} ({detail})")
     raise ValueError("distclip: " + "; ".join(lines) + ". No gradient was modified.")

@@ -1,0 +1,86 @@
+"""The copy check's cost: the same clip with and without it, interleaved in one run.
+
+    OMP_NUM_THREADS=1 torchrun --nproc-per-node=2 benchmarks/copycheck.py [--out copycheck.json]
+
+DDP-style replicated fp32 gradients (every tensor is a copy across the 2 ranks, so the check
+fingerprints one copy set of all of them) at 150, 2,000 and 20,000 small tensors and GPT-2
+small's shapes, for p = 2 and p = inf (whose partials ride as per-rank slots).  "without" swaps
+in an empty check (no copy set), which is what the reduction cost before the check existed.
+Ratios are medians over rounds; each round times both variants back to back.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import statistics
+import time
+
+import torch
+import torch.distributed as dist
+
+import distclip
+from distclip.copycheck import CopyCheck
+from distributed import plain_params
+from timing import gpt2_small_shapes
+
+CASES = {
+    "150 x (64, 64)": [(64, 64)] * 150,
+    "2,000 x (32, 32)": [(32, 32)] * 2000,
+    "20,000 x (8, 8)": [(8, 8)] * 20000,
+    "GPT-2 small (148 tensors, 124M)": gpt2_small_shapes(),
+}
+
+
+def seconds(fn, calls: int) -> float:
+    dist.barrier()
+    start = time.perf_counter()
+    for _ in range(calls):
+        fn()
+    dist.barrier()
+    return (time.perf_counter() - start) / calls
+
+
+def compare(fn, plan, calls: int, rounds: int) -> tuple[float, float]:
+    checked = plan.copy_check
+    unchecked = CopyCheck({}, [], dist.get_rank())
+    with_check, without = [], []
+    for _ in range(rounds):
+        plan.copy_check = checked
+        with_check.append(seconds(fn, calls))
+        plan.copy_check = unchecked
+        without.append(seconds(fn, calls))
+    plan.copy_check = checked
+    return statistics.median(with_check), statistics.median(without)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--out", default=None)
+    parser.add_argument("--rounds", type=int, default=9)
+    args = parser.parse_args()
+    dist.init_process_group("gloo")
+    torch.set_num_threads(1)
+    rows = []
+    for case, shapes in CASES.items():
+        params = plain_params(shapes)
+        calls = 3 if len(shapes) < 1000 and "GPT" not in case else 1
+        for p in (2.0, math.inf):
+            clipper = distclip.GradClipper(params, max_norm=1e9, norm_type=p)
+            clipper.clip_()  # plans
+            checked, unchecked = compare(clipper.clip_, clipper._plan, calls, args.rounds)
+            rows.append({"case": case, "p": p, "with_check_ms": checked * 1e3, "without_ms": unchecked * 1e3,
+                         "overhead": checked / unchecked - 1})
+            if dist.get_rank() == 0:
+                r = rows[-1]
+                print(f"{case:34s} p={p:<4} GradClipper.clip_: {r['with_check_ms']:8.3f} ms with the check, "
+                      f"{r['without_ms']:8.3f} without: {100 * r['overhead']:+.1f}%", flush=True)
+    if dist.get_rank() == 0 and args.out:
+        with open(args.out, "w") as f:
+            json.dump({"world_size": dist.get_world_size(), "rows": rows}, f, indent=1)
+    dist.destroy_process_group()
+
+
+if __name__ == "__main__":
+    main()
