@@ -6,7 +6,9 @@ DDP-style replicated fp32 gradients (every tensor is a copy across the 2 ranks, 
 fingerprints one copy set of all of them) at 150, 2,000 and 20,000 small tensors and GPT-2
 small's shapes, for p = 2 and p = inf (whose partials ride as per-rank slots).  "without" swaps
 in an empty check (no copy set), which is what the reduction cost before the check existed.
-Ratios are medians over rounds; each round times both variants back to back.
+Ratios are medians over rounds; each round times both variants back to back.  Before that,
+rank 0 times the check's own work alone (``CopyCheck.contributions``, one copy set holding
+every tensor): on 2 cores shared by 2 ranks that is the precise figure, the ratios the noisy one.
 """
 
 from __future__ import annotations
@@ -55,6 +57,22 @@ def compare(fn, plan, calls: int, rounds: int) -> tuple[float, float]:
     return statistics.median(with_check), statistics.median(without)
 
 
+def check_alone(shapes, calls: int = 200, rounds: int = 15) -> float:
+    """Seconds per call of the check's own work for one copy set of tensors of ``shapes``."""
+    local = [torch.randn(shape) for shape in shapes]
+    check = CopyCheck({(0, 1): [(i, 0, t.numel()) for i, t in enumerate(local)]}, local, 0)
+    cpu = torch.device("cpu")
+    for _ in range(20):
+        check.contributions(local, cpu)
+    times = []
+    for _ in range(rounds):
+        start = time.perf_counter()
+        for _ in range(calls):
+            check.contributions(local, cpu)
+        times.append((time.perf_counter() - start) / calls)
+    return statistics.median(times)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--out", default=None)
@@ -64,6 +82,11 @@ def main() -> None:
     torch.set_num_threads(1)
     rows = []
     for case, shapes in CASES.items():
+        if dist.get_rank() == 0:
+            alone = check_alone(shapes)
+            rows.append({"case": case, "check_alone_us": alone * 1e6})
+            print(f"{case:34s} the check alone: {alone * 1e6:7.1f} us per step", flush=True)
+        dist.barrier()
         params = plain_params(shapes)
         calls = 3 if len(shapes) < 1000 and "GPT" not in case else 1
         for p in (2.0, math.inf):

@@ -121,8 +121,10 @@ def get_total_norm(
 
     Raises:
         ValueError: unknown ``norm_type``; a DTensor on a mesh with ranks outside ``group``; a
-            Partial placement; a ``replica_group`` outside ``group``.  Problems found in a
-            rank's gradients ride the one all-reduce, so all ranks raise together.
+            Partial placement; a ``replica_group`` outside ``group``; ranks assumed to hold
+            copies (``replica_group``, ``Replicate`` dims) holding different tensors or values
+            (found by the copy check, :mod:`distclip.copycheck`).  Problems found in a rank's
+            gradients ride the one all-reduce, so all ranks raise together.
     """
     pnorm = PNorm.parse(norm_type)
     topology = resolve_topology(group, replica_group)
