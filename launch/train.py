@@ -18,6 +18,7 @@ import math
 import os
 import sys
 import time
+from datetime import timedelta
 from pathlib import Path
 
 import torch
@@ -77,6 +78,10 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--save-every", type=int, default=0, help="steps between checkpoints (0: never)")
     p.add_argument("--resume", type=Path, default=None, help="checkpoint directory to resume from")
     p.add_argument("--no-progress", action="store_true")
+    p.add_argument("--pg-timeout", type=float, default=300.0,
+                   help="seconds any collective may wait for the other ranks before failing (default 300)")
+    p.add_argument("--inject-failure", default=None, metavar="STEP:RANK",
+                   help="raise on RANK at STEP between backward and clip (to test that the others fail, not hang)")
     args = p.parse_args(argv)
 
     world = int(os.environ.get("WORLD_SIZE", "1"))
@@ -95,6 +100,12 @@ def parse_args(argv=None) -> argparse.Namespace:
         fail(f"--global-batch {args.global_batch} is not divisible by data-parallel size x --grad-accum (x --microbatches for pp)")
     if args.resume is not None and not args.resume.is_dir():
         fail(f"checkpoint {args.resume} does not exist")
+    if args.inject_failure is not None:
+        try:
+            args.inject_failure = tuple(int(v) for v in args.inject_failure.split(":"))
+            assert len(args.inject_failure) == 2
+        except (ValueError, AssertionError):
+            fail(f"--inject-failure wants STEP:RANK, got {args.inject_failure!r}")
     return args
 
 
@@ -284,18 +295,22 @@ def load_checkpoint(path: Path, model, optimizer, clipper) -> int:
 # ----------------------------------------------------------------------------- training
 
 
-def setup() -> torch.device:
+def setup(pg_timeout: float) -> torch.device:
+    """Start the process group.  ``pg_timeout`` bounds every collective: a rank whose peer died
+    or hangs fails after at most that long instead of waiting for ever (torchrun also stops the
+    other workers of a node as soon as one of them exits)."""
+    timeout = timedelta(seconds=pg_timeout)
     if torch.cuda.is_available():
         local_rank = int(os.environ.get("LOCAL_RANK", "0"))
         torch.cuda.set_device(local_rank)
-        dist.init_process_group("nccl", device_id=torch.device("cuda", local_rank))
+        dist.init_process_group("nccl", device_id=torch.device("cuda", local_rank), timeout=timeout)
         return torch.device("cuda", local_rank)
-    dist.init_process_group("gloo")
+    dist.init_process_group("gloo", timeout=timeout)
     return torch.device("cpu")
 
 
 def train(args: argparse.Namespace) -> None:
-    device = setup()
+    device = setup(args.pg_timeout)
     rank, world = dist.get_rank(), dist.get_world_size()
     data = TokenStream(args.data, args.seq_len, args.seed)
     torch.manual_seed(args.seed)  # identical weights everywhere, before any sharding
@@ -345,6 +360,8 @@ def train(args: argparse.Namespace) -> None:
             for p in model.parameters():
                 if p.grad is not None:
                     p.grad /= args.grad_accum
+        if args.inject_failure == (step + 1, rank):
+            raise RuntimeError(f"injected failure on rank {rank} at step {step + 1}, between backward and clip")
         result = clipper.clip_()  # one all-reduce, every element once, same coefficient everywhere
         optimizer.step()
 

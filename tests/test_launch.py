@@ -3,8 +3,10 @@ that every element is counted once), resume continues it, bad input fails in one
 
 import json
 import os
+import socket
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -84,3 +86,48 @@ def test_bad_input_fails_with_one_line_on_rank_0(args, message, tmp_path):
     ours = [line for line in result.stderr.splitlines() if line.startswith("train.py: error:")]
     assert len(ours) == 1 and message in ours[0], result.stderr[-2000:]
     assert "Traceback" not in result.stdout
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _two_nodes(*args, cwd, timeout=240):
+    """Two torchrun agents on this machine as two nodes of one worker each, meeting through a
+    c10d rendezvous on 127.0.0.1.  Returns both agents' CompletedProcess-like results."""
+    endpoint = f"127.0.0.1:{_free_port()}"
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    agents = [
+        subprocess.Popen(
+            [sys.executable, "-m", "torch.distributed.run", "--nnodes=2", f"--node-rank={node}",
+             "--nproc-per-node=1", "--rdzv-backend=c10d", f"--rdzv-endpoint={endpoint}",
+             "--rdzv-id=distclip-two-nodes", "--max-restarts=0", str(TRAIN), *args],
+            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env, cwd=cwd,
+        )
+        for node in (0, 1)
+    ]
+    try:
+        outputs = [agent.communicate(timeout=timeout) for agent in agents]
+    finally:
+        for agent in agents:
+            agent.kill()
+    return [subprocess.CompletedProcess(a.args, a.returncode, out, err) for a, (out, err) in zip(agents, outputs)]
+
+
+def test_two_nodes_of_hsdp_give_the_one_node_grad_norm_history(ddp_history, tmp_path):
+    results = _two_nodes(*TINY, "--parallel", "hsdp", "--replicas", "2", "--out", str(tmp_path), cwd=tmp_path)
+    for node, result in enumerate(results):
+        assert result.returncode == 0, f"node {node}: {result.stderr[-3000:]}"
+    assert _history(tmp_path) == pytest.approx(ddp_history, rel=1e-4)
+
+
+def test_a_rank_that_raises_before_the_clip_makes_the_other_node_fail_not_hang(tmp_path):
+    started = time.monotonic()
+    results = _two_nodes(*TINY, "--parallel", "hsdp", "--replicas", "2", "--pg-timeout", "30",
+                         "--inject-failure", "2:1", "--out", str(tmp_path), cwd=tmp_path, timeout=150)
+    elapsed = time.monotonic() - started
+    assert all(result.returncode != 0 for result in results), [r.returncode for r in results]
+    assert "injected failure on rank 1 at step 2" in results[1].stderr
+    assert elapsed < 120, f"took {elapsed:.0f} s: the surviving rank waited far past --pg-timeout 30"
