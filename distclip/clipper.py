@@ -172,9 +172,14 @@ class GradClipper:
         return result, plan, local, coef
 
     def _record(self, result: ClipResult) -> None:
+        # The counters follow the norm to its device: adding a GPU value into a CPU counter
+        # would be a blocking device-to-host copy on every step.
+        device = result.coef.device
+        if self._clipped_steps.device != device:
+            self._clipped_steps = self._clipped_steps.to(device)
+            self._nonfinite_steps = self._nonfinite_steps.to(device)
         self.steps += 1
-        device = self._clipped_steps.device
-        self._clipped_steps += (result.coef < 1).to(device)
+        self._clipped_steps += result.coef < 1
         self._nonfinite_steps += result.nonfinite.to(device)
         self.history.append(result.total_norm.detach())
 

@@ -105,7 +105,7 @@ class CopyCheck:
             "weights": torch.tensor(weights, dtype=torch.float64),
         }
         self._on_device: dict[torch.device, dict[str, Tensor]] = {}
-        self._positions: dict[tuple[int, torch.device], Tensor] = {}
+        self._positions: dict[tuple[int, torch.device], Tensor] = {}  # (sample, device) -> indices
 
     def _constants(self, device: torch.device) -> dict[str, Tensor]:
         if device not in self._on_device:
@@ -115,11 +115,12 @@ class CopyCheck:
     def _sample_bits(self, local: Sequence[Tensor], device: torch.device) -> Tensor:
         """The sampled elements' bit patterns as int64 on ``device`` (one gather per tensor)."""
         bits = []
-        for i, positions in self.sampled:
+        for n, (i, positions) in enumerate(self.sampled):
             tensor = local[i]
-            index = self._positions.get((i, tensor.device))
+            # Keyed by the sample, not the tensor: one flat tensor (FSDP1) holds several segments.
+            index = self._positions.get((n, tensor.device))
             if index is None:
-                index = self._positions[(i, tensor.device)] = torch.tensor(positions, device=tensor.device)
+                index = self._positions[(n, tensor.device)] = torch.tensor(positions, device=tensor.device)
             picked = tensor.reshape(-1).index_select(0, index)
             bits.append(picked.view(_INT_VIEW[tensor.element_size()]).to(device=device, dtype=torch.int64))
         return torch.cat(bits)

@@ -69,11 +69,10 @@ def all_reduce_partials(
     values = torch.where(nan, torch.zeros_like(partials), partials)
     ranks = len(topology.group_ranks)
     spread = pnorm.reduce_op != "sum"
-    if spread:  # this rank's row of the (ranks, k) block
-        position = topology.group_ranks.index(topology.rank)
-        values = torch.zeros(ranks, k, dtype=torch.float64, device=device).index_copy_(
-            0, torch.tensor([position], device=device), values.reshape(1, k)
-        ).reshape(-1)
+    if spread:  # this rank's row of the (ranks, k) block; the others stay exactly 0
+        block = torch.zeros(ranks, k, dtype=torch.float64, device=device)
+        block[topology.group_ranks.index(topology.rank)] = values
+        values = block.reshape(-1)
     flags = [float(f) for f in has_elements] + [float(p in local_problems) for p in LOCAL_PROBLEMS]
     vector = torch.cat(
         [values, nan.to(torch.float64), torch.tensor(flags, dtype=torch.float64, device=device), copy_check.to(device)]

@@ -149,3 +149,17 @@ def test_check_values_stay_exact_integers_in_float64():
     leader, member = _contributions(members, 0, tensors), _contributions(members, 1, tensors)
     whole_set = leader.abs() + (len(members) - 1) * member.abs()  # bounds every partial sum
     assert float(whole_set.max()) < 2**53 / 64, "64 such sets sharing a slot must stay exact"
+
+
+def test_segments_of_one_flat_tensor_are_each_sampled():
+    # FSDP1: one flat gradient holds several parameters' ranges, of different lengths.
+    flat = torch.randn(40)
+    segments = [(0, 0, 2), (0, 2, 30), (0, 30, 40)]
+    agree = sum(CopyCheck({(0, 1): segments}, [flat], rank).contributions([flat], torch.device("cpu")) for rank in (0, 1))
+    assert torch.equal(agree, torch.zeros_like(agree))
+    changed = flat.clone()
+    changed[20] += 1  # a sampled position of the second range only (2 + 28 * 2 // 3)
+    differ = CopyCheck({(0, 1): segments}, [flat], 0).contributions([flat], torch.device("cpu")) + CopyCheck(
+        {(0, 1): segments}, [changed], 1
+    ).contributions([changed], torch.device("cpu"))
+    assert bool((differ != 0).any())

@@ -30,7 +30,7 @@ NORM_TYPES = [2.0, 1.0, 3.0, 0.5, 0.0, math.inf, -math.inf]
 UNSUPPORTED = "layout not constructible"
 
 settings.register_profile(
-    "ci", max_examples=30, derandomize=True, deadline=None,
+    "ci", max_examples=20, derandomize=True, deadline=None,
     suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large],
 )
 settings.register_profile(

@@ -72,19 +72,28 @@ def test_resume_from_a_checkpoint_continues_the_same_history(fsdp2_run, tmp_path
     assert (fsdp2_run / "metrics.png").stat().st_size > 0
 
 
+def _one_error_line(stderr: str, message: str) -> None:
+    ours = [line for line in stderr.splitlines() if line.startswith("train.py: error:")]
+    assert len(ours) == 1 and message in ours[0], stderr[-2000:]
+
+
 @pytest.mark.parametrize(
     "args,message",
-    [
-        (["--parallel", "zero3"], "unknown --parallel"),
-        (["--parallel", "fsdp2+tp", "--tp", "3"], "divisible by --tp"),
-        (["--data", "missing.txt"], "does not exist"),
-    ],
+    [(["--parallel", "zero3"], "unknown --parallel"), (["--data", "missing.txt"], "does not exist")],
 )
-def test_bad_input_fails_with_one_line_on_rank_0(args, message, tmp_path):
-    result = _torchrun(2, *args, "--out", str(tmp_path), cwd=tmp_path)
+def test_bad_arguments_fail_with_one_line(args, message, tmp_path):
+    # Checked before any process group exists: one process shows it (torchrun adds nothing).
+    result = subprocess.run([sys.executable, str(TRAIN), *args, "--out", str(tmp_path)],
+                            capture_output=True, text=True, timeout=120, cwd=tmp_path)
+    assert result.returncode == 2
+    _one_error_line(result.stderr, message)
+    assert "Traceback" not in result.stdout + result.stderr
+
+
+def test_a_bad_world_size_fails_with_one_line_on_rank_0_under_torchrun(tmp_path):
+    result = _torchrun(2, "--parallel", "fsdp2+tp", "--tp", "3", "--out", str(tmp_path), cwd=tmp_path)
     assert result.returncode != 0
-    ours = [line for line in result.stderr.splitlines() if line.startswith("train.py: error:")]
-    assert len(ours) == 1 and message in ours[0], result.stderr[-2000:]
+    _one_error_line(result.stderr, "divisible by --tp")  # rank 1 waits, so rank 0 always gets to say it
     assert "Traceback" not in result.stdout
 
 
