@@ -6,7 +6,8 @@ DDP-style replicated fp32 gradients (every tensor is a copy across the 2 ranks, 
 fingerprints one copy set of all of them) at 150, 2,000 and 20,000 small tensors and GPT-2
 small's shapes, for p = 2 and p = inf (whose partials ride as per-rank slots).  "without" swaps
 in an empty check (no copy set), which is what the reduction cost before the check existed.
-Ratios are medians over rounds; each round times both variants back to back.  Before that,
+Each round times both variants and torch's ``clip_grad_norm_(foreach=True)`` on the same
+gradients back to back; figures are medians over rounds.  Before that,
 rank 0 times the check's own work alone (``CopyCheck.contributions``, one copy set holding
 every tensor): on 2 cores shared by 2 ranks that is the precise figure, the ratios the noisy one.
 """
@@ -44,17 +45,19 @@ def seconds(fn, calls: int) -> float:
     return (time.perf_counter() - start) / calls
 
 
-def compare(fn, plan, calls: int, rounds: int) -> tuple[float, float]:
+def compare(fn, plan, calls: int, rounds: int, torch_fn) -> tuple[float, float, float]:
+    """Medians of (with the check, without it, torch's clip), timed back to back each round."""
     checked = plan.copy_check
     unchecked = CopyCheck({}, [], dist.get_rank())
-    with_check, without = [], []
+    with_check, without, torch_times = [], [], []
     for _ in range(rounds):
         plan.copy_check = checked
         with_check.append(seconds(fn, calls))
         plan.copy_check = unchecked
         without.append(seconds(fn, calls))
+        torch_times.append(seconds(torch_fn, calls))
     plan.copy_check = checked
-    return statistics.median(with_check), statistics.median(without)
+    return statistics.median(with_check), statistics.median(without), statistics.median(torch_times)
 
 
 def check_alone(shapes, calls: int = 200, rounds: int = 15) -> float:
@@ -92,13 +95,16 @@ def main() -> None:
         for p in (2.0, math.inf):
             clipper = distclip.GradClipper(params, max_norm=1e9, norm_type=p)
             clipper.clip_()  # plans
-            checked, unchecked = compare(clipper.clip_, clipper._plan, calls, args.rounds)
+            torch_clip = lambda: torch.nn.utils.clip_grad_norm_(params, 1e9, p, foreach=True)  # noqa: E731
+            checked, unchecked, torch_s = compare(clipper.clip_, clipper._plan, calls, args.rounds, torch_clip)
             rows.append({"case": case, "p": p, "with_check_ms": checked * 1e3, "without_ms": unchecked * 1e3,
-                         "overhead": checked / unchecked - 1})
+                         "torch_ms": torch_s * 1e3, "overhead": checked / unchecked - 1,
+                         "vs_torch": checked / torch_s})
             if dist.get_rank() == 0:
                 r = rows[-1]
                 print(f"{case:34s} p={p:<4} GradClipper.clip_: {r['with_check_ms']:8.3f} ms with the check, "
-                      f"{r['without_ms']:8.3f} without: {100 * r['overhead']:+.1f}%", flush=True)
+                      f"{r['without_ms']:8.3f} without ({100 * r['overhead']:+.1f}%); torch {r['torch_ms']:8.3f} ms: "
+                      f"{r['vs_torch']:.2f}x torch", flush=True)
     if dist.get_rank() == 0 and args.out:
         with open(args.out, "w") as f:
             json.dump({"world_size": dist.get_world_size(), "rows": rows}, f, indent=1)

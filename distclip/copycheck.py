@@ -34,6 +34,8 @@ from typing import Mapping, Sequence
 import torch
 from torch import Tensor
 
+from distclip.ownership import Segment
+
 # A prime below 2**15: hashes x < 2**15, x**2 < 2**30; with |w| < 2**15 ranks per set and a few
 # sets per rank, every partial sum of the all-reduce stays far below 2**53.
 PRIME = 32749
@@ -45,8 +47,6 @@ SIZE = SLOTS * FEATURES * 2
 SAMPLED_TENSORS = 4
 
 _INT_VIEW = {1: torch.uint8, 2: torch.int16, 4: torch.int32, 8: torch.int64}
-
-Segment = tuple[int, int, int]
 
 
 def _stable_hash(value: object) -> int:

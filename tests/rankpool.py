@@ -50,8 +50,8 @@ def _worker(rank: int, world_size: int, init_file: str, sys_path: list[str], tas
     dist.destroy_process_group()
 
 
-def release_task_groups() -> int:
-    """Destroy every process group but WORLD; return how many there were.
+def release_task_groups() -> None:
+    """Destroy every process group but WORLD.
 
     Tests create groups (``new_group``, every DeviceMesh with a dimension smaller than the
     world, FSDP1 hybrid sharding) and a reused worker would keep them all: each gloo group holds
@@ -66,7 +66,6 @@ def release_task_groups() -> int:
         dist.destroy_process_group(pg)
     _forget_dtensor_caches()
     gc.collect()  # DeviceMesh and DTensor objects referring to them
-    return len(created)
 
 
 def _forget_dtensor_caches() -> None:
