@@ -19,7 +19,7 @@ from distclip.ownership import Attribution, OwnershipError, local_tensor
 from distclip.partials import PNorm
 from distclip.plan import NormPlan
 from distclip.scaling import check_max_norm, clip_coefficient, scale_
-from distclip.topology import GroupLike, Topology, resolve_topology
+from distclip.topology import GroupLike, ReplicaGroupLike, Topology, resolve_topology
 
 TensorOrTensors = Union[Tensor, Iterable[Tensor], nn.Module]
 
@@ -46,34 +46,33 @@ def _tensor_list(tensors: TensorOrTensors, what: str) -> list[Tensor]:
 
 def _gradients(
     parameters: TensorOrTensors, topology: Topology
-) -> tuple[list[Tensor], dict[int, Attribution | OwnershipError]]:
-    """The gradients of ``parameters`` to count and scale, with what only FSDP1 knows of them."""
+) -> tuple[list[Tensor], dict[int, Attribution | OwnershipError], list[Tensor]]:
+    """The gradients of ``parameters`` to count and scale, with what only FSDP1 knows of them,
+    and the parameters they belong to."""
     if isinstance(parameters, nn.Module) and fsdp1.has_units(parameters):
         return fsdp1.module_gradients(parameters, topology)
-    grads: list[Tensor] = []
+    params = [p for p in _tensor_list(parameters, "parameters") if p.grad is not None]
     known: dict[int, Attribution | OwnershipError] = {}
-    for param in _tensor_list(parameters, "parameters"):
-        if param.grad is None:
-            continue
+    for index, param in enumerate(params):
         if fsdp1.is_flat_param(param):
             try:
-                known[len(grads)] = fsdp1.flat_param_attribution(param, topology)
+                known[index] = fsdp1.flat_param_attribution(param, topology)
             except OwnershipError as error:
-                known[len(grads)] = error
-        grads.append(param.grad)
-    return grads, known
+                known[index] = error
+    return [p.grad for p in params], known, params
 
 
 def _global_norm(
     grads: list[Tensor],
     known: dict[int, Attribution | OwnershipError],
+    keys: list[Tensor] | None,
     pnorm: PNorm,
     error_if_nonfinite: bool,
     foreach: bool | None,
     topology: Topology,
 ) -> tuple[Tensor, Tensor, NormPlan, list[Tensor]]:
     """(total norm, invalid flag, plan, local tensors) for this rank's ``grads``: one collective."""
-    plan = NormPlan(grads, topology, known)
+    plan = NormPlan(grads, topology, known, keys=keys)
     local = plan.local_tensors(grads)
     norms, invalid = plan.global_norms(local, pnorm, foreach)
     total = norms[0]
@@ -90,7 +89,7 @@ def get_total_norm(
     foreach: bool | None = None,
     *,
     group: GroupLike = None,
-    replica_group: GroupLike = None,
+    replica_group: ReplicaGroupLike = None,
 ) -> Tensor:
     r"""The global norm of gradient tensors spread over the ranks of ``group``.
 
@@ -105,14 +104,18 @@ def get_total_norm(
     Args:
         tensors: gradient tensors (plain or DTensor, on any devices and dtypes), a Tensor, or
             an ``nn.Module`` (its parameters, for parity with ``clip_grad_norm_``).
-        norm_type: ``p``; any float ``p > 0``, ``0``, ``inf``/``'inf'`` or ``-inf``.
+        norm_type: ``p``; any float but NaN, as in torch: ``0``, ``inf``/``'inf'``, ``-inf``
+            and negative ``p`` (``(sum |x|**p) ** (1/p)``, 0 when any element is 0) included.
         error_if_nonfinite: raise RuntimeError on every rank if the global norm is NaN or
             infinite (this reads the norm on the host: the one device sync of this API).
         foreach: as in torch: None uses ``torch._foreach_norm`` where supported.
         group: ProcessGroup or 1-D DeviceMesh over which partials are summed.  Default: WORLD
             when ``torch.distributed`` is initialized, else no communication.
         replica_group: ranks across which plain gradients are identical copies.  Default: all of
-            ``group`` (DDP).  A pipeline stage passes its data-parallel group.
+            ``group`` (DDP).  A pipeline stage passes its data-parallel group.  Or a callable
+            ``tensor -> ProcessGroup | 1-D DeviceMesh | None`` giving each one its own copy
+            group (None: no copies), called with each gradient here and with each parameter by
+            the other functions: Megatron/DeepSpeed-style models, see :mod:`distclip.copygroups`.
 
     Returns:
         The global norm: a 0-dim plain tensor, float32 (float64 if any gradient is float64), on
@@ -121,7 +124,8 @@ def get_total_norm(
 
     Raises:
         ValueError: unknown ``norm_type``; a DTensor on a mesh with ranks outside ``group``; a
-            Partial placement; a ``replica_group`` outside ``group``; ranks assumed to hold
+            Partial placement; a ``replica_group`` (or a group its callable returns) without
+            this rank or outside ``group``, or a callable returning something else; ranks assumed to hold
             copies (``replica_group``, ``Replicate`` dims) holding different tensors or values
             (found by the copy check, :mod:`distclip.copycheck`).  Problems found in a rank's
             gradients ride the one all-reduce, so all ranks raise together.
@@ -129,10 +133,10 @@ def get_total_norm(
     pnorm = PNorm.parse(norm_type)
     topology = resolve_topology(group, replica_group)
     if isinstance(tensors, nn.Module):
-        grads, known = _gradients(tensors, topology)
+        grads, known, keys = _gradients(tensors, topology)
     else:
-        grads, known = _tensor_list(tensors, "tensors"), {}
-    total, _, _, _ = _global_norm(grads, known, pnorm, error_if_nonfinite, foreach, topology)
+        grads, known, keys = _tensor_list(tensors, "tensors"), {}, None
+    total, _, _, _ = _global_norm(grads, known, keys, pnorm, error_if_nonfinite, foreach, topology)
     return total
 
 
@@ -167,7 +171,7 @@ def clip_grad_norm_(
     foreach: bool | None = None,
     *,
     group: GroupLike = None,
-    replica_group: GroupLike = None,
+    replica_group: ReplicaGroupLike = None,
 ) -> Tensor:
     r"""Clip the gradients of a model split across ranks by its *global* norm, in place.
 
@@ -188,8 +192,8 @@ def clip_grad_norm_(
     max_norm = check_max_norm(max_norm)
     pnorm = PNorm.parse(norm_type)
     topology = resolve_topology(group, replica_group)
-    grads, known = _gradients(parameters, topology)
-    total, invalid, plan, local = _global_norm(grads, known, pnorm, error_if_nonfinite, foreach, topology)
+    grads, known, keys = _gradients(parameters, topology)
+    total, invalid, plan, local = _global_norm(grads, known, keys, pnorm, error_if_nonfinite, foreach, topology)
     # A problem reported by another rank that could not be raised here without a sync leaves
     # the gradients as they are rather than scaling them by NaN.
     coefficient = clip_coefficient(max_norm, total, keep=invalid)

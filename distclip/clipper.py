@@ -24,7 +24,7 @@ from distclip.clip_grad import _gradients
 from distclip.partials import PNorm
 from distclip.plan import NormPlan
 from distclip.scaling import check_max_norm, clip_coefficient
-from distclip.topology import GroupLike, resolve_topology
+from distclip.topology import GroupLike, ReplicaGroupLike, resolve_topology
 
 NONFINITE_POLICIES = ("propagate", "error", "skip")
 GroupsSpec = Union[None, str, Mapping[str, Iterable[Tensor]]]
@@ -50,7 +50,8 @@ class GradClipper:
 
     Args:
         model_or_params: an ``nn.Module`` (FSDP1 root modules included) or parameters.
-        max_norm, norm_type, group, replica_group: as in :func:`distclip.clip_grad_norm_`.
+        max_norm, norm_type, group, replica_group: as in :func:`distclip.clip_grad_norm_`
+            (``replica_group`` may be a per-parameter callable, :mod:`distclip.copygroups`).
         groups: per-group norms to report: a mapping name -> parameters, ``"modules"`` (the
             model's top-level submodules) or ``"param_groups"`` (the attached optimizer's).
         nonfinite: ``"propagate"`` (torch's behaviour: NaN/inf norms scale gradients by NaN),
@@ -67,7 +68,7 @@ class GradClipper:
         norm_type: float = 2.0,
         *,
         group: GroupLike = None,
-        replica_group: GroupLike = None,
+        replica_group: ReplicaGroupLike = None,
         groups: GroupsSpec = None,
         nonfinite: str = "propagate",
         foreach: bool | None = None,
@@ -131,7 +132,7 @@ class GradClipper:
         """This step's gradients and the plan for them, rebuilt only when the set of
         parameters with gradients changed (a local check: every rank rebuilds alike)."""
         if self._fsdp1:
-            grads, known = fsdp1.module_gradients(self.module, self.topology)
+            grads, known, keys = fsdp1.module_gradients(self.module, self.topology)
             key: object = len(grads)
             group_of = None
         else:
@@ -146,9 +147,8 @@ class GradClipper:
             raise ValueError('distclip: groups="param_groups" needs attach(optimizer) first')
         if key != self._plan_key or self._plan is None:
             if known is None:
-                params = [p for p in self.params if p.grad is not None]
-                _, known = _gradients(params, self.topology)
-            self._plan = NormPlan(grads, self.topology, known, group_of, len(self.group_names))
+                _, known, keys = _gradients([p for p in self.params if p.grad is not None], self.topology)
+            self._plan = NormPlan(grads, self.topology, known, group_of, len(self.group_names), keys)
             self._plan_key = key
         return grads, self._plan
 

@@ -18,6 +18,7 @@ from __future__ import annotations
 from torch import Tensor, nn
 import torch.distributed as dist
 
+from distclip.copygroups import tensor_topology
 from distclip.ownership import Attribution, OwnershipError, Problem, check_within_group, shard_copy_set
 from distclip.topology import Topology
 
@@ -44,6 +45,7 @@ def _model_ranges(flat_param: Tensor) -> tuple[tuple[int, int], ...]:
 
 def _unit_attribution(unit: nn.Module, topology: Topology) -> Attribution:
     flat_param = unit._handle.flat_param
+    topology = tensor_topology(flat_param, topology)
     shard_group = dist.get_process_group_ranks(unit.process_group)
     if unit.sharding_strategy == ShardingStrategy.NO_SHARD:
         same_shard = list(range(len(shard_group)))
@@ -61,6 +63,7 @@ def _unit_attribution(unit: nn.Module, topology: Topology) -> Attribution:
 
 def flat_param_attribution(flat_param: Tensor, topology: Topology) -> Attribution:
     """Attribution of a FlatParameter given without its FSDP unit (see the module docstring)."""
+    topology = tensor_topology(flat_param, topology)
     padded = getattr(flat_param, "_padded_unsharded_size", None)
     shards = padded.numel() // flat_param._sharded_size.numel() if padded is not None else 1
     group = list(topology.group_ranks)
@@ -86,13 +89,15 @@ def has_units(module: nn.Module) -> bool:
 
 def module_gradients(
     module: nn.Module, topology: Topology
-) -> tuple[list[Tensor], dict[int, Attribution | OwnershipError]]:
+) -> tuple[list[Tensor], dict[int, Attribution | OwnershipError], list[Tensor]]:
     """Every gradient of an FSDP1 model: each unit's flat gradient (scaling it scales the
     ``use_orig_params=True`` views too), then the parameters FSDP1 does not manage (ignored
-    modules), which are plain tensors.  Returns the gradients and the units' Attributions by
-    index (an OwnershipError stands in for a unit that cannot be attributed)."""
+    modules), which are plain tensors.  Returns the gradients, the units' Attributions by
+    index (an OwnershipError stands in for a unit that cannot be attributed) and the
+    parameters the gradients belong to (FlatParameters for the units)."""
     grads: list[Tensor] = []
     known: dict[int, Attribution | OwnershipError] = {}
+    params: list[Tensor] = []
     managed: set[int] = set()
     for unit in FullyShardedDataParallel.fsdp_modules(module):
         if unit._handle is None:
@@ -107,7 +112,7 @@ def module_gradients(
         except OwnershipError as error:
             known[len(grads)] = error
         grads.append(flat_param.grad)
-    grads.extend(
-        p.grad for p in module.parameters() if id(p) not in managed and p.grad is not None
-    )
-    return grads, known
+        params.append(flat_param)
+    params.extend(p for p in module.parameters() if id(p) not in managed and p.grad is not None)
+    grads.extend(p.grad for p in params[len(grads) :])
+    return grads, known, params

@@ -16,7 +16,6 @@ member computes the same split from the same ordered tensor list, so no communic
 
 from __future__ import annotations
 
-import enum
 import weakref
 from dataclasses import dataclass, field
 from typing import Mapping, Sequence
@@ -27,44 +26,9 @@ from torch.distributed.device_mesh import DeviceMesh
 from torch.distributed.tensor import DTensor, Replicate
 from torch.distributed.tensor.placement_types import Placement
 
+from distclip.copygroups import tensor_topology
+from distclip.problems import OwnershipError, Problem
 from distclip.topology import Topology
-
-
-class Problem(enum.Enum):
-    """Bad input found in a rank's own gradients.
-
-    Such a problem may be visible on some ranks only (a pipeline stage), so it is not raised on
-    the spot: it rides the single all-reduce as a flag and every rank raises it together.
-    COPIES_DIFFER is found by no rank alone: the copy check in the same all-reduce finds it.
-    """
-
-    MESH_OUTSIDE_GROUP = (
-        "a gradient is sharded or replicated over ranks outside `group` (a DTensor's DeviceMesh, "
-        "an FSDP1 process group)"
-    )
-    PARTIAL_PLACEMENT = (
-        "a DTensor gradient has a Partial placement (a pending reduction); its norm is not defined "
-        "until it is reduced: redistribute it to Shard/Replicate before clipping"
-    )
-    REPLICA_GROUP_OUTSIDE_GROUP = "`replica_group` must contain this rank and lie within `group`"
-    COPIES_DIFFER = (
-        "ranks assumed to hold copies of the same gradients hold different ones (a different "
-        "number of tensors, shapes, dtypes or values), so the norm would be wrong. Pipeline "
-        "stages or other ranks holding different tensors? pass replica_group=<the data-parallel "
-        "group> (a one-rank group without data parallelism). Gradients not yet synchronized "
-        "(no_sync, gradient accumulation)? clip after the synchronizing backward"
-    )
-    UNKNOWN_CORRESPONDENCE = (
-        "cannot tell which ranks hold copies of a DTensor gradient: `replica_group` reaches ranks "
-        "outside its mesh that no common root DeviceMesh (or `group`) lines up with it"
-    )
-
-
-class OwnershipError(Exception):
-    def __init__(self, problem: Problem, detail: str) -> None:
-        super().__init__(detail)
-        self.problem = problem
-        self.detail = detail
 
 
 def _root_mesh(mesh: DeviceMesh) -> DeviceMesh:
@@ -250,7 +214,9 @@ class Ownership:
 
     ``owned`` holds ``(tensor index, start, stop)`` ranges into the local tensors (empty ranges
     never appear, so an inf-norm never sees an empty shard); ``problems`` maps each problem
-    found on this rank to a detail message.
+    found on this rank to a detail message (the first gradient that has it).  ``owned`` and
+    ``copy_buckets`` cover the gradients that could be attributed (what ``explain`` shows; a
+    NormPlan with problems counts nothing).
     """
 
     owned: list[Segment]
@@ -258,44 +224,55 @@ class Ownership:
     copy_buckets: dict[tuple[int, ...], list[Segment]] = field(default_factory=dict)
     """The segments of each copy set of more than one rank, in order (what the copy check
     fingerprints)."""
+    attributions: list[Attribution | OwnershipError] = field(default_factory=list)
+    """Per gradient, its Attribution, or the error that kept it from having one."""
 
 
 def plan_ownership(
     grads: Sequence[Tensor],
     topology: Topology,
     known: Mapping[int, Attribution | OwnershipError] | None = None,
+    keys: Sequence[Tensor] | None = None,
 ) -> Ownership:
     """Attribute every element of ``grads`` (this rank's gradients) to exactly one rank.
 
     ``known`` gives the Attribution of gradients whose layout the tensor alone does not tell
     (FSDP1 flat gradients, by index; an OwnershipError where that failed); the others are
-    attributed by :func:`attribute`.
+    attributed by :func:`attribute`, with the copy group a ``replica_group`` callable gives
+    ``keys[i]`` (the parameters; the gradients themselves when None).
     """
-    problems: dict[Problem, str] = {}
-    replicas = topology.replica_ranks
-    if topology.rank not in replicas or not set(replicas) <= set(topology.group_ranks):
-        problems[Problem.REPLICA_GROUP_OUTSIDE_GROUP] = (
-            f"rank {topology.rank}: replica_group {list(replicas)}, group {list(topology.group_ranks)}"
+    if topology.replica_of is None and (
+        topology.rank not in topology.replica_ranks or not set(topology.replica_ranks) <= set(topology.group_ranks)
+    ):
+        error = OwnershipError(
+            Problem.REPLICA_GROUP_OUTSIDE_GROUP,
+            f"rank {topology.rank}: replica_group {list(topology.replica_ranks)}, group {list(topology.group_ranks)}",
         )
-        return Ownership([], problems)
+        return Ownership([], {error.problem: error.detail}, attributions=[error] * len(grads))
 
+    problems: dict[Problem, str] = {}
+    attributions: list[Attribution | OwnershipError] = []
     segments: list[Segment] = []
     copy_sets: list[tuple[int, ...]] = []
+    resolved: dict = {}
     for index, grad in enumerate(grads):
         try:
-            attribution = known[index] if known and index in known else attribute(grad, topology)
+            attribution = known[index] if known and index in known else None
+            if attribution is None:
+                key = grad if keys is None else keys[index]
+                attribution = attribute(grad, tensor_topology(key, topology, resolved))
             if isinstance(attribution, OwnershipError):
                 raise attribution
         except OwnershipError as error:
             problems.setdefault(error.problem, f"gradient #{index}: {error.detail}")
+            attributions.append(error)
             continue
+        attributions.append(attribution)
         ranges = attribution.ranges or ((0, local_tensor(grad).numel()),)
         segments.extend((index, start, stop) for start, stop in ranges)
         copy_sets.extend(attribution.copies for _ in ranges)
-    if problems:
-        return Ownership([], problems)
     copy_buckets: dict[tuple[int, ...], list[Segment]] = {}
     for segment, members in zip(segments, copy_sets):
         if len(members) > 1:
             copy_buckets.setdefault(members, []).append(segment)
-    return Ownership(split_work(segments, copy_sets, topology.rank), problems, copy_buckets)
+    return Ownership(split_work(segments, copy_sets, topology.rank), problems, copy_buckets, attributions)

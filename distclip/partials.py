@@ -1,7 +1,8 @@
 """Local partials: this rank's contribution to the global p-norm, from the elements it owns.
 
-For a finite ``p > 0`` the global norm is ``(sum over ranks of S_r) ** (1/p)`` with
-``S_r = sum |x|**p`` over the elements rank r owns; for ``p = 0`` it is the sum of the nonzero
+For a finite ``p != 0`` the global norm is ``(sum over ranks of S_r) ** (1/p)`` with
+``S_r = sum |x|**p`` over the elements rank r owns (for ``p < 0`` too, as torch computes it: a
+zero element makes ``S_r`` infinite and the norm 0); for ``p = 0`` it is the sum of the nonzero
 counts; for ``p = inf`` (``-inf``) the max (min) of the ranks' max (min) of ``|x|``.  A partial is
 therefore *additive* (or max/min-able) and one all-reduce combines them.
 
@@ -24,7 +25,8 @@ from torch.utils._foreach_utils import _device_has_foreach_support, _has_foreach
 
 @dataclass(frozen=True)
 class PNorm:
-    """A norm type: any float ``p > 0``, ``0`` (nonzero count), ``inf`` or ``-inf``."""
+    """A norm type: any float ``p`` but NaN: ``0`` counts nonzeros, ``inf``/``-inf`` take the
+    max/min of ``|x|``, any other ``p`` (negative included) is ``(sum |x|**p) ** (1/p)``."""
 
     p: float
 
@@ -32,17 +34,15 @@ class PNorm:
     def parse(norm_type: Union[float, int, str]) -> "PNorm":
         """Accept what ``torch.nn.utils.clip_grad_norm_`` accepts (``'inf'`` included).
 
-        Raises ValueError for anything else: a negative finite ``p`` or NaN has no norm.
+        Raises ValueError for anything else (NaN, or what ``float()`` cannot read).
         """
         try:
             p = float(norm_type)
         except (TypeError, ValueError):
+            p = math.nan
+        if math.isnan(p):
             raise ValueError(
-                f"distclip: unknown norm_type {norm_type!r}; use a float p > 0, 0, inf or -inf"
-            ) from None
-        if math.isnan(p) or (p < 0 and p != -math.inf):
-            raise ValueError(
-                f"distclip: unknown norm_type {norm_type!r}; use a float p > 0, 0, inf or -inf"
+                f"distclip: unknown norm_type {norm_type!r}; use a float p (0, inf and -inf included)"
             )
         return PNorm(p)
 
@@ -58,7 +58,8 @@ class PNorm:
 
     def powered(self, norms: Tensor) -> Tensor:
         """Per-tensor norms -> the additive (or max/min-able) quantities, in float64: the p-th
-        powers for finite p > 0, the norms themselves for 0 (counts) and +-inf."""
+        powers for finite p != 0 (infinite for a zero norm when p < 0), the norms themselves for
+        0 (counts) and +-inf."""
         norms = norms.to(torch.float64)
         return norms.pow(self.p) if self.reduce_op == "sum" and self.p != 0 else norms
 

@@ -16,7 +16,7 @@ import torch
 from torch import Tensor
 
 from distclip.copycheck import CopyCheck
-from distclip.ownership import Attribution, OwnershipError, Problem, plan_ownership
+from distclip.ownership import Attribution, Ownership, OwnershipError, Problem, plan_ownership
 from distclip.partials import PNorm, use_foreach
 from distclip.reduction import all_reduce_partials, raise_problems
 from distclip.scaling import scale_grouped_
@@ -43,7 +43,8 @@ class NormPlan:
     """Ownership and grouping of a fixed list of gradients, ready to run every step.
 
     ``group_of`` optionally assigns each gradient a group index in ``range(num_groups)`` (or
-    -1 for none); each group's norm then rides the same collective as the total.
+    -1 for none); each group's norm then rides the same collective as the total.  ``keys``
+    are the parameters of ``grads``, for a per-parameter ``replica_group`` callable.
     """
 
     def __init__(
@@ -53,6 +54,7 @@ class NormPlan:
         known: Mapping[int, Attribution | OwnershipError] | None = None,
         group_of: Sequence[int] | None = None,
         num_groups: int = 0,
+        keys: Sequence[Tensor] | None = None,
     ) -> None:
         self.topology = topology
         self.num_groups = num_groups
@@ -63,8 +65,10 @@ class NormPlan:
         self.out_device = local[0].device if local else self.device
         self.out_dtype = torch.float64 if any(t.dtype == torch.float64 for t in local) else torch.float32
 
-        ownership = plan_ownership(grads, topology, known)
+        ownership = plan_ownership(grads, topology, known, keys)
         self.problems: dict[Problem, str] = ownership.problems
+        if self.problems:  # the norm will be NaN (or raised): count and check nothing
+            ownership = Ownership([], self.problems)
         self.copy_check = CopyCheck(ownership.copy_buckets, local, topology.rank)
         buckets: dict[tuple[torch.device, torch.dtype], list[tuple[int, int, int, bool]]] = {}
         for index, start, stop in ownership.owned:
@@ -106,7 +110,10 @@ class NormPlan:
             local[i] if whole else local[i].reshape(-1)[start:stop]
             for i, start, stop, whole in bucket.pieces
         ]
-        accumulate = torch.float64 if bucket.dtype == torch.float64 else torch.float32
+        # p < 0: the sum is ruled by the few smallest elements' huge |x|**p, which float32
+        # adds ~1e-3 off over a large tensor (rarely used, so exactness wins over speed here).
+        wide = bucket.dtype == torch.float64 or pnorm.p < 0
+        accumulate = torch.float64 if wide else torch.float32
         if use_foreach(foreach, tensors, bucket.device):
             norms = torch._foreach_norm(tensors, pnorm.p, dtype=accumulate)
         else:

@@ -87,11 +87,13 @@ def all_reduce_partials(
         values = pnorm.combine(values.reshape(ranks, k), dim=0)
     # -inf norm of no element at all: 0, as torch returns for no gradients.
     values = torch.where(presence != 0, values, torch.zeros_like(values))
-    nonfinite = (nan_flags != 0) | values.isinf()
+    # Judged on the norms, not the sums: for p < 0 an infinite sum is a zero norm.
+    finished = pnorm.finish(values)
+    nonfinite = (nan_flags != 0) | finished.isinf()
     # A non-finite norm explains differing copies (a NaN on one replica) and has its own policy.
     differ = copies_differ(check) & ~nonfinite.any()
     invalid = (problem_flags != 0).any() | differ
-    norms = torch.where((nan_flags != 0) | invalid, torch.full_like(values, float("nan")), pnorm.finish(values))
+    norms = torch.where((nan_flags != 0) | invalid, torch.full_like(values, float("nan")), finished)
 
     problems = None
     if device.type == "cpu":  # reading flags on the host is free here

@@ -3,19 +3,23 @@
 ``group`` is the set of ranks whose partial norms are summed into the global norm (every rank that
 holds a piece of the model).  ``replica_group`` is the set of ranks across which *plain*
 (non-DTensor) gradients are identical copies: all of ``group`` for DDP, a pipeline stage's
-data-parallel group for PP, a one-rank group when nothing is replicated.
+data-parallel group for PP, a one-rank group when nothing is replicated; or, for models whose
+plain tensors are copied over different groups, a callable giving each parameter its own (see
+:mod:`distclip.copygroups`).
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-from typing import Union
+from dataclasses import dataclass, field
+from typing import Callable, Union
 
 import torch
 import torch.distributed as dist
+from torch import Tensor
 from torch.distributed.device_mesh import DeviceMesh
 
 GroupLike = Union[dist.ProcessGroup, DeviceMesh, None]
+ReplicaGroupLike = Union[GroupLike, Callable[[Tensor], GroupLike]]
 
 # Backends that serve only CPU tensors natively; an accelerator tensor handed to them is staged
 # through host memory, so the reduction vector stays on the CPU for them.
@@ -28,19 +32,25 @@ class Topology:
 
     ``process_group`` is None when there is nothing to communicate (``torch.distributed`` not
     initialized, or a one-rank group); then ``group_ranks == replica_ranks == (rank,)``.
+    ``replica_of`` is the per-parameter ``replica_group`` callable, if one was given; then
+    ``replica_ranks`` is only the fallback of nothing and each tensor gets its own Topology
+    (:func:`distclip.copygroups.tensor_topology`).
     """
 
     process_group: dist.ProcessGroup | None
     rank: int
     group_ranks: tuple[int, ...]
     replica_ranks: tuple[int, ...]
+    replica_of: Callable[[Tensor], GroupLike] | None = field(default=None, compare=False)
 
     @property
     def communicates(self) -> bool:
         return self.process_group is not None
 
 
-def _as_process_group(group: GroupLike, argument: str) -> dist.ProcessGroup:
+def as_process_group(group: GroupLike, argument: str) -> dist.ProcessGroup:
+    """The ProcessGroup of a ProcessGroup or 1-D DeviceMesh; ValueError naming ``argument``
+    for anything else."""
     if isinstance(group, DeviceMesh):
         if group.ndim != 1:
             raise ValueError(
@@ -56,12 +66,13 @@ def _as_process_group(group: GroupLike, argument: str) -> dist.ProcessGroup:
     return group
 
 
-def resolve_topology(group: GroupLike = None, replica_group: GroupLike = None) -> Topology:
+def resolve_topology(group: GroupLike = None, replica_group: ReplicaGroupLike = None) -> Topology:
     """Resolve the ``group`` / ``replica_group`` arguments of the public functions.
 
     Raises ValueError at once (before any communication) for arguments that every rank passes
     alike: a group given while ``torch.distributed`` is not initialized, a rank calling with a
-    group it is not a member of, a multi-dimensional mesh.
+    group it is not a member of, a multi-dimensional mesh.  What a ``replica_group`` callable
+    returns is checked per parameter, later, and travels as a problem (it may differ by rank).
     """
     initialized = dist.is_available() and dist.is_initialized()
     if not initialized:
@@ -71,8 +82,12 @@ def resolve_topology(group: GroupLike = None, replica_group: GroupLike = None) -
             )
         return Topology(None, 0, (0,), (0,))
 
+    replica_of = None
+    if callable(replica_group) and not isinstance(replica_group, (dist.ProcessGroup, DeviceMesh)):
+        replica_of, replica_group = replica_group, None
+
     rank = dist.get_rank()
-    process_group = _as_process_group(
+    process_group = as_process_group(
         group if group is not None else dist.group.WORLD, "group"
     )
     group_ranks = tuple(dist.get_process_group_ranks(process_group))
@@ -80,15 +95,17 @@ def resolve_topology(group: GroupLike = None, replica_group: GroupLike = None) -
         raise ValueError(
             f"distclip: rank {rank} called with a `group` it is not a member of ({list(group_ranks)})"
         )
-    if replica_group is None:
+    if replica_of is not None:
+        replica_ranks = (rank,)
+    elif replica_group is None:
         replica_ranks = group_ranks
     else:
         replica_ranks = tuple(
-            dist.get_process_group_ranks(_as_process_group(replica_group, "replica_group"))
+            dist.get_process_group_ranks(as_process_group(replica_group, "replica_group"))
         )
     if len(group_ranks) == 1:
         process_group = None
-    return Topology(process_group, rank, group_ranks, replica_ranks)
+    return Topology(process_group, rank, group_ranks, replica_ranks, replica_of)
 
 
 def _backend_device_types(process_group: dist.ProcessGroup) -> dict[str, str]:

@@ -10,7 +10,7 @@ from torch import nn
 
 import distclip
 
-TORCH_PARITY_NORMS = [2.0, 1.0, 3.0, 0.5, math.inf, -math.inf]
+TORCH_PARITY_NORMS = [2.0, 1.0, 3.0, 0.5, math.inf, -math.inf, -1.0, -2.0, -0.5]
 
 
 def _params(seed=0, dtype=torch.float32, shapes=((10, 10), (7,), (3, 4, 5), (1,))):
@@ -39,6 +39,30 @@ def test_matches_torch_clip_grad_norm(norm_type, foreach):
     assert total.item() == pytest.approx(reference, rel=1e-6)
     for a, b in zip(ours, theirs):
         torch.testing.assert_close(a.grad, b.grad, rtol=1e-6, atol=1e-7)
+
+
+@pytest.mark.parametrize("norm_type", [-1.0, -2.0, -0.5])
+def test_negative_norm_type_is_zero_when_any_element_is_zero_as_in_torch(norm_type):
+    ours, theirs = _params(), _params()
+    for p in ours + theirs:
+        if p.numel() == 7:
+            p.grad[3] = 0
+    total = distclip.clip_grad_norm_(ours, 1.0, norm_type)
+    expected = torch.nn.utils.clip_grad_norm_(theirs, 1.0, norm_type)
+    assert total.item() == expected.item() == 0.0
+    for a, b in zip(ours, theirs):
+        torch.testing.assert_close(a.grad, b.grad, rtol=0, atol=0)
+
+
+def test_negative_norm_type_is_exact_on_bf16_and_large_tensors():
+    # Accumulated in float64: torch's float32 sum is ~1e-3 off on both.
+    for dtype, shapes in ((torch.bfloat16, ((64, 64), (5,))), (torch.float32, ((1 << 19) + 3,))):
+        ours, theirs = _params(1, dtype, shapes), _params(1, dtype, shapes)
+        reference = _reference([p.grad for p in ours], -1.5)
+        total = distclip.clip_grad_norm_(ours, 1.0, -1.5)
+        expected = torch.nn.utils.clip_grad_norm_(theirs, 1.0, -1.5)
+        assert total.item() == pytest.approx(reference, rel=1e-6)
+        torch.testing.assert_close(total.double(), expected.double(), rtol=2e-3, atol=0)
 
 
 def test_zero_norm_counts_nonzero_elements():
