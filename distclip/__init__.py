@@ -6,12 +6,16 @@ DDP, FSDP1/FSDP2, HSDP, tensor, pipeline and expert parallelism.
 
 from distclip.clip_grad import clip_grad_norm_, clip_grads_with_norm_, get_total_norm
 from distclip.clipper import ClipResult, GradClipper
+from distclip.explain import Explanation, GradientExplanation, explain
 
 __all__ = [
     "ClipResult",
+    "Explanation",
     "GradClipper",
+    "GradientExplanation",
     "clip_grad_norm_",
     "clip_grads_with_norm_",
+    "explain",
     "get_total_norm",
 ]
 __version__ = "0.1.0"

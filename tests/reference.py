@@ -85,13 +85,24 @@ def assert_close_norm(actual: float, expected: float, norm_type: float, rtol: fl
     )
 
 
+def assert_explain_counts_every_element_once(parameters, model_numel: int, **kwargs) -> None:
+    """``distclip.explain`` communicates nothing, and its "counted here" summed over all ranks
+    is the model's element count.  Collective over WORLD (the gather, outside ``explain``)."""
+    with collectives() as issued:
+        explanation = distclip.explain(parameters, **kwargs)
+    assert issued == [], issued
+    counted = gather_objects(explanation.counted)
+    assert sum(counted) == model_numel, f"explain counts {counted} (sum {sum(counted)}), model {model_numel}"
+
+
 def clip_and_check(
     named_parameters, norm_type, *, max_norm=None, rtol=1e-5, clipped_rtol=1e-5, **kwargs
 ) -> dict:
     """Clip with distclip and check it against the float64 reference from the full gradients.
 
     Checks: the returned norm equals the reference; it is a plain 0-dim tensor; each tensor's
-    own norm equals its reference; the gradients after clipping equal reference * coefficient.
+    own norm equals its reference; the gradients after clipping equal reference * coefficient;
+    ``explain`` counts every element once.
     Returns what must agree across ranks.  ``clipped_rtol`` is the precision of the gradients'
     dtype (bf16 gradients are scaled in bf16).
     """
@@ -107,6 +118,9 @@ def clip_and_check(
         alone = distclip.get_total_norm([mine[name]] if name in mine else [], norm_type, **kwargs)
         assert_close_norm(alone.item(), reference_norm({name: before[name]}, norm_type), norm_type, rtol)
 
+    assert_explain_counts_every_element_once(
+        [p for _, p in named_parameters], sum(t.numel() for t in before.values()), **kwargs
+    )
     with collectives() as issued:
         total = distclip.clip_grad_norm_(
             [p for _, p in named_parameters], max_norm, norm_type, **kwargs

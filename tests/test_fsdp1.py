@@ -13,7 +13,7 @@ from torch.distributed.fsdp import MixedPrecision, ShardingStrategy
 
 import distclip
 from models import NORM_TYPES, batch
-from reference import assert_close_norm, collectives
+from reference import assert_close_norm, assert_explain_counts_every_element_once, collectives
 
 S = ShardingStrategy
 # FSDP1's own clip_grad_norm_ is right for these p (it gets 0 and -inf wrong).
@@ -66,6 +66,7 @@ def _fsdp1_against_reference_and_fsdp(strategy, use_orig_params, norm_type, mixe
     ours, theirs = _wrap(strategy, use_orig_params, mixed_precision), _wrap(strategy, use_orig_params, mixed_precision)
     _step(ours)
     _step(theirs)
+    assert_explain_counts_every_element_once(ours, sum(g.numel() for g in reference.values()))
     max_norm = 0.5 * expected
     with collectives() as issued:
         total = distclip.clip_grad_norm_(ours, max_norm, norm_type)
