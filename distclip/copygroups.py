@@ -28,7 +28,7 @@ import torch.distributed as dist
 from torch import Tensor
 
 from distclip.problems import OwnershipError, Problem
-from distclip.topology import Topology, as_process_group
+from distclip.topology import Topology, as_process_group, is_non_member
 
 
 def tensor_topology(key: Tensor, topology: Topology, resolved: dict | None = None) -> Topology:
@@ -58,6 +58,12 @@ def tensor_topology(key: Tensor, topology: Topology, resolved: dict | None = Non
 def _copy_group_topology(returned: object, topology: Topology) -> Topology:
     if returned is None:
         ranks: tuple[int, ...] = (topology.rank,)
+    elif is_non_member(returned):
+        raise OwnershipError(
+            Problem.REPLICA_GROUP_OUTSIDE_GROUP,
+            f"rank {topology.rank}: the copy group is GroupMember.NON_GROUP_MEMBER (what "
+            "new_group(ranks) returns to ranks outside `ranks`)",
+        )
     else:
         try:
             ranks = tuple(dist.get_process_group_ranks(as_process_group(returned, "replica_group")))

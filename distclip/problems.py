@@ -24,7 +24,8 @@ class Problem(enum.Enum):
     )
     REPLICA_GROUP_OUTSIDE_GROUP = (
         "`replica_group` (or the group it returns for a parameter) must contain this rank and lie "
-        "within `group`"
+        "within `group` (new_group(ranks) returns GroupMember.NON_GROUP_MEMBER, no group, to the "
+        "ranks outside `ranks`)"
     )
     REPLICA_GROUP_INVALID = (
         "a `replica_group` callable must return a ProcessGroup, a 1-D DeviceMesh or None for every "

@@ -48,6 +48,11 @@ class Topology:
         return self.process_group is not None
 
 
+def is_non_member(group: object) -> bool:
+    """Whether ``group`` is what ``new_group(ranks)`` returns to a rank not in ``ranks``."""
+    return type(group) is int and group == dist.GroupMember.NON_GROUP_MEMBER
+
+
 def as_process_group(group: GroupLike, argument: str) -> dist.ProcessGroup:
     """The ProcessGroup of a ProcessGroup or 1-D DeviceMesh; ValueError naming ``argument``
     for anything else."""
@@ -87,6 +92,11 @@ def resolve_topology(group: GroupLike = None, replica_group: ReplicaGroupLike = 
         replica_of, replica_group = replica_group, None
 
     rank = dist.get_rank()
+    if is_non_member(group):
+        raise ValueError(
+            f"distclip: rank {rank} called with a `group` it is not a member of "
+            "(GroupMember.NON_GROUP_MEMBER, what new_group(ranks) returns to ranks outside `ranks`)"
+        )
     process_group = as_process_group(
         group if group is not None else dist.group.WORLD, "group"
     )
@@ -97,6 +107,10 @@ def resolve_topology(group: GroupLike = None, replica_group: ReplicaGroupLike = 
         )
     if replica_of is not None:
         replica_ranks = (rank,)
+    elif is_non_member(replica_group):
+        # Not raised here: the other ranks are on their way into the collective.  No ranks at
+        # all reads as REPLICA_GROUP_OUTSIDE_GROUP, which every rank raises together.
+        replica_ranks = ()
     elif replica_group is None:
         replica_ranks = group_ranks
     else:

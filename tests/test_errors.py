@@ -97,6 +97,58 @@ def test_replica_group_outside_group_raises_on_every_rank(ranks):
     ranks(4).run(_replica_group_outside_group)
 
 
+def _copy_group_without_this_rank(per_parameter: bool):
+    # new_group([0, 1]) returns GroupMember.NON_GROUP_MEMBER on ranks 2 and 3: they hold no
+    # group, ranks 0 and 1 see nothing wrong and are already on their way into the collective.
+    pair = dist.new_group([0, 1])
+    params = _params(dist.get_rank())
+    before = _grads(params)
+    replica_group = (lambda p: pair if p is params[0] else None) if per_parameter else pair
+    with pytest.raises(ValueError, match="NON_GROUP_MEMBER"):
+        distclip.clip_grad_norm_(params, 0.1, replica_group=replica_group)
+    _assert_untouched(params, before)
+
+
+@pytest.mark.parametrize("per_parameter", [True, False], ids=["callable", "one-group"])
+def test_copy_group_without_this_rank_raises_on_every_rank(ranks, per_parameter):
+    ranks(4).run(_copy_group_without_this_rank, per_parameter)
+
+
+def _copy_group_callable_returning_something_else():
+    params = _params(dist.get_rank())
+    before = _grads(params)
+    returned = "dp" if dist.get_rank() == 0 else None  # a name instead of a group, on one rank
+    with pytest.raises(ValueError, match="callable must return a ProcessGroup"):
+        distclip.clip_grad_norm_(params, 0.1, replica_group=lambda p: returned)
+    _assert_untouched(params, before)
+
+
+def test_copy_group_callable_returning_something_else_raises_on_every_rank(ranks):
+    ranks(2).run(_copy_group_callable_returning_something_else)
+
+
+def _copy_group_members_disagreeing_on_shapes():
+    # Ranks 0 and 1 claim params[0] as a copy of each other's, but hold different shapes (the
+    # same element count): no rank can tell alone, the one collective's copy check does.
+    rank = dist.get_rank()
+    pairs = [dist.new_group([0, 1]), dist.new_group([2, 3])]
+    params = _params(rank)
+    if rank == 1:
+        params[0] = nn.Parameter(torch.randn(3, 4))
+        params[0].grad = torch.randn(3, 4)
+    before = _grads(params)
+    mine = pairs[rank // 2]
+    with collectives() as issued:
+        with pytest.raises(ValueError, match="hold different ones"):
+            distclip.clip_grad_norm_(params, 0.1, replica_group=lambda p: mine if p is params[0] else None)
+    assert issued == ["gloo:all_reduce"], issued
+    _assert_untouched(params, before)
+
+
+def test_copy_group_members_disagreeing_on_shapes_raise_on_every_rank(ranks):
+    ranks(4).run(_copy_group_members_disagreeing_on_shapes)
+
+
 def _nonfinite_on_one_shard(norm_type, value, error_if_nonfinite):
     mesh = init_device_mesh("cpu", (dist.get_world_size(),))
     torch.manual_seed(0)
