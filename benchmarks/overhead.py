@@ -1,22 +1,27 @@
-"""Per-step Python overhead with many small tensors (LoRA / MoE-like): 20,000 parameters.
+"""Per-call host overhead with many small tensors (LoRA / MoE-like), single process.
 
-    python benchmarks/overhead.py [--count 20000]
+    OMP_NUM_THREADS=1 python benchmarks/overhead.py [--count 150 2000 20000] [--rounds 9]
+
+torch's ``clip_grad_norm_(foreach=True)``, ``distclip.clip_grad_norm_`` (its plan cached across
+calls) and ``GradClipper.clip_`` on the same gradients, interleaved round by round.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import statistics
 
 import torch
 
 import distclip
-from timing import median_seconds
+from timing import interleaved_seconds
 
 
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--count", type=int, nargs="+", default=[150, 2000, 20000])
+    parser.add_argument("--rounds", type=int, default=9)
     parser.add_argument("--out", default="overhead.json")
     args = parser.parse_args()
     rows = []
@@ -25,16 +30,35 @@ def main() -> None:
         for p in params:
             p.grad = torch.randn(16, 8)
         clipper = distclip.GradClipper(params, max_norm=1e9)
-        times = {
-            "torch foreach": median_seconds(lambda: torch.nn.utils.clip_grad_norm_(params, 1e9, foreach=True)),
-            "distclip.clip_grad_norm_": median_seconds(lambda: distclip.clip_grad_norm_(params, 1e9)),
-            "distclip.GradClipper": median_seconds(clipper.clip_),
-        }
+        # Enough calls per timing that each lasts milliseconds, not microseconds.
+        calls = max(1, 20000 // count)
+
+        def repeat(fn):
+            return lambda: [fn() for _ in range(calls)]
+
+        times = interleaved_seconds(
+            {
+                "torch foreach": repeat(lambda: torch.nn.utils.clip_grad_norm_(params, 1e9, foreach=True)),
+                "distclip.clip_grad_norm_": repeat(lambda: distclip.clip_grad_norm_(params, 1e9)),
+                "distclip.GradClipper": repeat(clipper.clip_),
+            },
+            rounds=args.rounds,
+        )
+        torch_median = statistics.median(times["torch foreach"])
         for name, seconds in times.items():
-            rows.append({"tensors": count, "case": name, "ms": seconds * 1e3, "vs_torch": seconds / times["torch foreach"]})
-    print(f"{'tensors':>8} {'case':28} {'ms':>9} {'x torch':>8}")
+            median = statistics.median(seconds)
+            rows.append(
+                {
+                    "tensors": count,
+                    "case": name,
+                    "ms": median / calls * 1e3,
+                    "min_ms": min(seconds) / calls * 1e3,
+                    "vs_torch": median / torch_median,
+                }
+            )
+    print(f"{'tensors':>8} {'case':28} {'median ms':>10} {'min ms':>8} {'x torch':>8}")
     for r in rows:
-        print(f"{r['tensors']:8} {r['case']:28} {r['ms']:9.2f} {r['vs_torch']:8.2f}")
+        print(f"{r['tensors']:8} {r['case']:28} {r['ms']:10.3f} {r['min_ms']:8.3f} {r['vs_torch']:8.2f}")
     with open(args.out, "w") as f:
         json.dump(rows, f, indent=1)
 

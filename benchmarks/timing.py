@@ -24,6 +24,21 @@ def median_seconds(fn: Callable[[], object], repeats: int = 7, warmup: int = 2, 
     return statistics.median(times)
 
 
+def interleaved_seconds(cases: dict[str, Callable[[], object]], rounds: int = 9, warmup: int = 2) -> dict[str, list[float]]:
+    """Wall times of each case over ``rounds`` rounds, every round running every case once in
+    turn, so that drifting machine load falls on all cases alike."""
+    times: dict[str, list[float]] = {name: [] for name in cases}
+    for i in range(warmup + rounds):
+        for name, fn in cases.items():
+            sync()
+            start = time.perf_counter()
+            fn()
+            sync()
+            if i >= warmup:
+                times[name].append(time.perf_counter() - start)
+    return times
+
+
 def sync() -> None:
     if torch.cuda.is_available():
         torch.cuda.synchronize()

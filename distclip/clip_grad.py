@@ -18,6 +18,7 @@ from distclip import fsdp1
 from distclip.ownership import Attribution, OwnershipError, local_tensor
 from distclip.partials import PNorm
 from distclip.plan import NormPlan
+from distclip.plancache import cached_plan
 from distclip.scaling import check_max_norm, clip_coefficient, scale_
 from distclip.topology import GroupLike, ReplicaGroupLike, Topology, resolve_topology
 
@@ -51,15 +52,18 @@ def _gradients(
     and the parameters they belong to."""
     if isinstance(parameters, nn.Module) and fsdp1.has_units(parameters):
         return fsdp1.module_gradients(parameters, topology)
-    params = [p for p in _tensor_list(parameters, "parameters") if p.grad is not None]
+    candidates = _tensor_list(parameters, "parameters")
+    all_grads = [p.grad for p in candidates]
+    params = [p for p, g in zip(candidates, all_grads) if g is not None]
+    grads = [g for g in all_grads if g is not None]
     known: dict[int, Attribution | OwnershipError] = {}
-    for index, param in enumerate(params):
-        if fsdp1.is_flat_param(param):
-            try:
-                known[index] = fsdp1.flat_param_attribution(param, topology)
-            except OwnershipError as error:
-                known[index] = error
-    return [p.grad for p in params], known, params
+    # FlatParameters are nn.Parameters by type (FlatParameter.__new__): only a flag tells.
+    for index in [i for i, is_flat in enumerate(map(fsdp1.is_flat_param, params)) if is_flat]:
+        try:
+            known[index] = fsdp1.flat_param_attribution(params[index], topology)
+        except OwnershipError as error:
+            known[index] = error
+    return grads, known, params
 
 
 def _global_norm(
@@ -72,7 +76,7 @@ def _global_norm(
     topology: Topology,
 ) -> tuple[Tensor, Tensor, NormPlan, list[Tensor]]:
     """(total norm, invalid flag, plan, local tensors) for this rank's ``grads``: one collective."""
-    plan = NormPlan(grads, topology, known, keys=keys)
+    plan = cached_plan(grads, topology, known, keys)
     local = plan.local_tensors(grads)
     norms, invalid = plan.global_norms(local, pnorm, foreach)
     total = norms[0]

@@ -89,10 +89,16 @@ class PNorm:
         return combined
 
 
-def use_foreach(foreach: bool | None, tensors: list[Tensor], device: torch.device) -> bool:
-    """torch's rule: None picks foreach where supported; True where unsupported is an error."""
+def use_foreach(
+    foreach: bool | None, tensors: list[Tensor], device: torch.device, supported: bool | None = None
+) -> bool:
+    """torch's rule: None picks foreach where supported; True where unsupported is an error.
+
+    ``supported``: torch's support check for these tensors, when a plan already made it (it
+    depends on their types and device only, and it is a Python loop over them).
+    """
     if foreach is None:
-        return _has_foreach_support(tensors, device)
+        return _has_foreach_support(tensors, device) if supported is None else supported
     if foreach and not _device_has_foreach_support(device):
         raise RuntimeError(
             f"foreach=True was passed, but can't use the foreach API on {device.type} tensors"

@@ -22,6 +22,7 @@ from distclip.reduction import all_reduce_partials, raise_problems
 from distclip.scaling import scale_grouped_
 from distclip.topology import Topology, reduction_device
 from torch.distributed.tensor import DTensor
+from torch.utils._foreach_utils import _has_foreach_support
 
 
 # Elements per CPU chunk: 2**18 keeps a GPT-2-sized norm within ~1e-6 of float64 (torch's
@@ -37,6 +38,7 @@ class _Bucket:
     dtype: torch.dtype
     pieces: list[tuple[int, int, int, bool]]  # (grad index, start, stop, whole)
     group_ids: Tensor | None  # per piece, the group it counts towards (on ``device``)
+    foreach_supported: bool  # torch's check, made once: the plan fixes the tensors' types
 
 
 class NormPlan:
@@ -90,6 +92,7 @@ class NormPlan:
                 dtype,
                 pieces,
                 None if slot is None else torch.tensor([slot[p[0]] for p in pieces], device=device),
+                _has_foreach_support([local[p[0]] for p in pieces], device),
             )
             for (device, dtype), pieces in buckets.items()
         ]
@@ -100,6 +103,9 @@ class NormPlan:
         for index, tensor in enumerate(local):
             scale.setdefault((tensor.device, tensor.dtype), []).append(index)
         self.scale_groups = list(scale.values())
+        self.scale_foreach_supported = [
+            _has_foreach_support([local[i] for i in indices], local[indices[0]].device) for indices in self.scale_groups
+        ]
 
     def local_tensors(self, grads: Sequence[Tensor]) -> list[Tensor]:
         # DTensor._local_tensor instead of to_local(): no autograd function per gradient.
@@ -114,7 +120,7 @@ class NormPlan:
         # adds ~1e-3 off over a large tensor (rarely used, so exactness wins over speed here).
         wide = bucket.dtype == torch.float64 or pnorm.p < 0
         accumulate = torch.float64 if wide else torch.float32
-        if use_foreach(foreach, tensors, bucket.device):
+        if use_foreach(foreach, tensors, bucket.device, bucket.foreach_supported):
             norms = torch._foreach_norm(tensors, pnorm.p, dtype=accumulate)
         else:
             norms = [torch.linalg.vector_norm(t, pnorm.p, dtype=accumulate) for t in tensors]
@@ -157,4 +163,9 @@ class NormPlan:
 
     def scale_(self, local: Sequence[Tensor], coefficient: Tensor, foreach: bool | None) -> None:
         """Multiply every local gradient in place by ``coefficient``."""
-        scale_grouped_([[local[i] for i in indices] for indices in self.scale_groups], coefficient, foreach)
+        scale_grouped_(
+            [[local[i] for i in indices] for indices in self.scale_groups],
+            coefficient,
+            foreach,
+            self.scale_foreach_supported,
+        )

@@ -32,14 +32,20 @@ def clip_coefficient(max_norm: float, total_norm: Tensor, keep: Tensor | None = 
     return torch.where(keep.to(coefficient.device), 1.0, coefficient)
 
 
-def scale_grouped_(groups: Sequence[Sequence[Tensor]], coefficient: Tensor, foreach: bool | None = None) -> None:
+def scale_grouped_(
+    groups: Sequence[Sequence[Tensor]],
+    coefficient: Tensor,
+    foreach: bool | None = None,
+    supported: Sequence[bool] | None = None,
+) -> None:
     """Multiply tensors in place by the 0-dim ``coefficient``: one foreach call per group of
-    same-(device, dtype) tensors, the coefficient copied once to each device."""
-    for tensors in groups:
+    same-(device, dtype) tensors, the coefficient copied once to each device.  ``supported``:
+    per group, torch's foreach support check if already made (see :func:`use_foreach`)."""
+    for g, tensors in enumerate(groups):
         tensors = list(tensors)
         device = tensors[0].device
         device_coefficient = coefficient.to(device)
-        if use_foreach(foreach, tensors, device):
+        if use_foreach(foreach, tensors, device, None if supported is None else supported[g]):
             torch._foreach_mul_(tensors, device_coefficient)
         else:
             for tensor in tensors:

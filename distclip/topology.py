@@ -130,7 +130,7 @@ def _backend_device_types(process_group: dist.ProcessGroup) -> dict[str, str]:
     return dict(entry.split(":", 1) for entry in config.split(","))
 
 
-def _current_accelerator() -> torch.device | None:
+def current_accelerator() -> torch.device | None:
     """This process's current accelerator device (with its index), or None."""
     if hasattr(torch, "accelerator"):  # torch >= 2.6
         accelerator = torch.accelerator.current_accelerator()
@@ -155,7 +155,7 @@ def reduction_device(topology: Topology, fallback: torch.device) -> torch.device
     if not topology.communicates:
         return fallback
     served = _backend_device_types(topology.process_group)
-    accelerator = _current_accelerator()
+    accelerator = current_accelerator()
     if accelerator is not None and served.get(accelerator.type, "gloo") not in _HOST_BACKENDS:
         return accelerator
     if "cpu" in served:

@@ -61,9 +61,12 @@ def release_task_groups() -> None:
     import torch.distributed as dist
     from torch.distributed.distributed_c10d import _world
 
+    from distclip.plancache import clear_plans
+
     created = [pg for pg in list(_world.pg_map) if pg is not dist.group.WORLD]
     for pg in created:
         dist.destroy_process_group(pg)
+    clear_plans()  # cached plans hold the groups and meshes of their calls
     _forget_dtensor_caches()
     gc.collect()  # DeviceMesh and DTensor objects referring to them
 

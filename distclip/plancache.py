@@ -1,0 +1,112 @@
+"""The functional API plans once: NormPlans cached by what decides them.
+
+``clip_grad_norm_`` and ``get_total_norm`` are called every step with the same parameters, and
+planning (ownership, copy sets, (device, dtype) buckets) costs more than the kernels on models
+of many small tensors.  So plans are kept, keyed by everything a plan is a function of:
+
+- the topology (the ``group`` and ``replica_group`` objects and their ranks) and, for a
+  ``replica_group`` callable, the group it returns for each gradient's parameter;
+- per gradient, in order: its type (which decides foreach support), element count, number of dims, dtype, device; for a
+  DTensor its mesh (by identity: equal-valued meshes may hang off different roots), placements,
+  global shape, local shape and local type; for an FSDP1 flat gradient, its unit's Attribution (the copies
+  and the padding-free ranges, recomputed every call);
+- the current accelerator (where the reduction runs).
+
+Not the parameters' identity or the gradients' values: two calls with equal keys get equal plans
+whatever tensors they hold, so a swapped ``.grad``, a re-created model or a new parameter at a
+freed one's address is planned exactly as a fresh call would plan it.  Nothing is kept alive but
+process groups (meshes are keyed by id and their plans dropped when they are freed).  Planning communicates nothing, so a rank hitting the cache while
+another misses changes nothing that is sent.  The one layout change the key does not see is an
+in-place reshape keeping element count and number of dims (only ``.data`` assignment or
+``resize_`` can reshape a parameter's gradient); the norm does not depend on it, only the copy
+check's layout hash would lag.  Inputs with problems are never cached (they raise anyway).
+"""
+
+from __future__ import annotations
+
+import operator
+import weakref
+from typing import Hashable, Mapping, Sequence
+
+from torch import Tensor
+from torch.distributed.device_mesh import DeviceMesh
+from torch.distributed.tensor import DTensor
+
+from distclip.ownership import Attribution, OwnershipError
+from distclip.plan import NormPlan
+from distclip.topology import Topology, current_accelerator
+
+# Enough for a few models (or a model and its EMA copy) clipped alternately.
+MAX_PLANS = 16
+
+_plans: dict[Hashable, tuple[NormPlan, list[weakref.ref]]] = {}
+_dtype = operator.attrgetter("dtype")
+_device = operator.attrgetter("device")
+
+
+def cached_plan(
+    grads: Sequence[Tensor],
+    topology: Topology,
+    known: Mapping[int, Attribution | OwnershipError] | None = None,
+    keys: Sequence[Tensor] | None = None,
+) -> NormPlan:
+    """The NormPlan for ``grads`` (arguments as for :class:`NormPlan`), reused across calls."""
+    key, meshes = _plan_key(grads, topology, known, keys)
+    try:
+        entry = None if key is None else _plans.get(key)
+    except TypeError:  # a replica_group callable returned something unhashable: the plan reports it
+        key = entry = None
+    if entry is not None:
+        return entry[0]
+    plan = NormPlan(grads, topology, known, keys=keys)
+    if key is not None and not plan.problems:
+        # Meshes are in the key by id and not kept alive (they hold the user's process groups):
+        # when one is freed its plans go, so a new mesh at its address cannot match them.
+        forget = lambda _, key=key: _plans.pop(key, None)  # noqa: E731
+        _plans[key] = (plan, [weakref.ref(mesh, forget) for mesh in meshes])
+        if len(_plans) > MAX_PLANS:  # the oldest goes (hashing a key again to keep LRU order costs)
+            del _plans[next(iter(_plans))]
+    return plan
+
+
+def clear_plans() -> None:
+    """Forget every cached plan (and the process groups and meshes they hold)."""
+    _plans.clear()
+
+
+def _plan_key(
+    grads: Sequence[Tensor],
+    topology: Topology,
+    known: Mapping[int, Attribution | OwnershipError] | None,
+    keys: Sequence[Tensor] | None,
+) -> tuple[Hashable | None, list[object]]:
+    if known and any(isinstance(a, OwnershipError) for a in known.values()):
+        return None, []
+    types = tuple(map(type, grads))
+    meshes: list[DeviceMesh] = []
+    dtensors = []
+    has_dtensors = any(issubclass(kind, DTensor) for kind in set(types))
+    for index, grad in enumerate(grads if has_dtensors else ()):
+        if isinstance(grad, DTensor):
+            mesh = grad.device_mesh
+            meshes.append(mesh)
+            local = grad._local_tensor
+            dtensors.append((index, id(mesh), grad.placements, grad.shape, local.shape, type(local)))
+    copy_groups = None
+    if topology.replica_of is not None:
+        returned = tuple(map(topology.replica_of, grads if keys is None else keys))
+        # A 1-D mesh stands for its process group (the same ranks): the key keeps no mesh alive.
+        as_group = {id(g): g.get_group() if isinstance(g, DeviceMesh) and g.ndim == 1 else g for g in returned}
+        copy_groups = tuple(as_group[id(g)] for g in returned)
+    return (
+        topology,
+        current_accelerator(),
+        types,
+        tuple(map(Tensor.numel, grads)),
+        tuple(map(Tensor.dim, grads)),
+        tuple(map(_dtype, grads)),
+        tuple(map(_device, grads)),
+        tuple(dtensors),
+        tuple(sorted(known.items())) if known else (),
+        copy_groups,
+    ), meshes
