@@ -79,19 +79,22 @@ def _plan_key(
     topology: Topology,
     known: Mapping[int, Attribution | OwnershipError] | None,
     keys: Sequence[Tensor] | None,
-) -> tuple[Hashable | None, list[object]]:
+) -> tuple[Hashable | None, list[DeviceMesh]]:
     if known and any(isinstance(a, OwnershipError) for a in known.values()):
         return None, []
     types = tuple(map(type, grads))
-    meshes: list[DeviceMesh] = []
-    dtensors = []
-    has_dtensors = any(issubclass(kind, DTensor) for kind in set(types))
-    for index, grad in enumerate(grads if has_dtensors else ()):
-        if isinstance(grad, DTensor):
-            mesh = grad.device_mesh
-            meshes.append(mesh)
-            local = grad._local_tensor
-            dtensors.append((index, id(mesh), grad.placements, grad.shape, local.shape, type(local)))
+    meshes: dict[int, DeviceMesh] = {}
+    if any(issubclass(kind, DTensor) for kind in set(types)):
+        layout: tuple = tuple(
+            _dtensor_layout(grad, meshes) if isinstance(grad, DTensor) else _tensor_layout(grad) for grad in grads
+        )
+    else:  # per attribute a map over the list: the common case, kept in C
+        layout = (
+            tuple(map(Tensor.numel, grads)),
+            tuple(map(Tensor.dim, grads)),
+            tuple(map(_dtype, grads)),
+            tuple(map(_device, grads)),
+        )
     copy_groups = None
     if topology.replica_of is not None:
         returned = tuple(map(topology.replica_of, grads if keys is None else keys))
@@ -102,11 +105,18 @@ def _plan_key(
         topology,
         current_accelerator(),
         types,
-        tuple(map(Tensor.numel, grads)),
-        tuple(map(Tensor.dim, grads)),
-        tuple(map(_dtype, grads)),
-        tuple(map(_device, grads)),
-        tuple(dtensors),
+        layout,
         tuple(sorted(known.items())) if known else (),
         copy_groups,
-    ), meshes
+    ), list(meshes.values())
+
+
+def _tensor_layout(grad: Tensor) -> tuple:
+    return (grad.numel(), grad.dim(), grad.dtype, grad.device)
+
+
+def _dtensor_layout(grad: DTensor, meshes: dict[int, DeviceMesh]) -> tuple:
+    # Through the spec and the local tensor: DTensor's own numel()/dim() dispatch in Python.
+    spec, local = grad._spec, grad._local_tensor
+    meshes[id(spec.mesh)] = spec.mesh
+    return (id(spec.mesh), spec.placements, spec.shape, local.numel(), local.dim(), local.dtype, local.device, type(local))
