@@ -69,9 +69,15 @@ def _copy_group_topology(returned: object, topology: Topology) -> Topology:
             ranks = tuple(dist.get_process_group_ranks(as_process_group(returned, "replica_group")))
         except ValueError as error:
             raise OwnershipError(Problem.REPLICA_GROUP_INVALID, str(error)) from None
+    check_copy_group(ranks, topology, "copy group")
+    return Topology(topology.process_group, topology.rank, topology.group_ranks, ranks)
+
+
+def check_copy_group(ranks: tuple[int, ...], topology: Topology, what: str) -> None:
+    """Raise OwnershipError(REPLICA_GROUP_OUTSIDE_GROUP) unless ``ranks`` (a ``replica_group``,
+    or the copy group a callable returned) hold this rank and lie within ``group``."""
     if topology.rank not in ranks or not set(ranks) <= set(topology.group_ranks):
         raise OwnershipError(
             Problem.REPLICA_GROUP_OUTSIDE_GROUP,
-            f"rank {topology.rank}: copy group {list(ranks)}, group {list(topology.group_ranks)}",
+            f"rank {topology.rank}: {what} {list(ranks)}, group {list(topology.group_ranks)}",
         )
-    return Topology(topology.process_group, topology.rank, topology.group_ranks, ranks)

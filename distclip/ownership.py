@@ -26,7 +26,7 @@ from torch.distributed.device_mesh import DeviceMesh
 from torch.distributed.tensor import DTensor, Replicate
 from torch.distributed.tensor.placement_types import Placement
 
-from distclip.copygroups import tensor_topology
+from distclip.copygroups import check_copy_group, tensor_topology
 from distclip.problems import OwnershipError, Problem
 from distclip.topology import Topology
 
@@ -241,14 +241,11 @@ def plan_ownership(
     attributed by :func:`attribute`, with the copy group a ``replica_group`` callable gives
     ``keys[i]`` (the parameters; the gradients themselves when None).
     """
-    if topology.replica_of is None and (
-        topology.rank not in topology.replica_ranks or not set(topology.replica_ranks) <= set(topology.group_ranks)
-    ):
-        error = OwnershipError(
-            Problem.REPLICA_GROUP_OUTSIDE_GROUP,
-            f"rank {topology.rank}: replica_group {list(topology.replica_ranks)}, group {list(topology.group_ranks)}",
-        )
-        return Ownership([], {error.problem: error.detail}, attributions=[error] * len(grads))
+    if topology.replica_of is None:  # one replica_group for all: checked once, not per tensor
+        try:
+            check_copy_group(topology.replica_ranks, topology, "replica_group")
+        except OwnershipError as error:
+            return Ownership([], {error.problem: error.detail}, attributions=[error] * len(grads))
 
     problems: dict[Problem, str] = {}
     attributions: list[Attribution | OwnershipError] = []

@@ -6,17 +6,19 @@ of many small tensors.  So plans are kept, keyed by everything a plan is a funct
 
 - the topology (the ``group`` and ``replica_group`` objects and their ranks) and, for a
   ``replica_group`` callable, the group it returns for each gradient's parameter;
-- per gradient, in order: its type (which decides foreach support), element count, number of dims, dtype, device; for a
-  DTensor its mesh (by identity: equal-valued meshes may hang off different roots), placements,
-  global shape, local shape and local type; for an FSDP1 flat gradient, its unit's Attribution (the copies
-  and the padding-free ranges, recomputed every call);
+- per gradient, in order: its type (which decides foreach support), element count, number of
+  dims, dtype, device; for a DTensor its mesh (by identity: equal-valued meshes may hang off
+  different roots), placements, global shape, and its local tensor's element count, dims, dtype,
+  device and type; for an FSDP1 flat gradient, its unit's Attribution (the copies and the
+  padding-free ranges, recomputed every call);
 - the current accelerator (where the reduction runs).
 
 Not the parameters' identity or the gradients' values: two calls with equal keys get equal plans
 whatever tensors they hold, so a swapped ``.grad``, a re-created model or a new parameter at a
 freed one's address is planned exactly as a fresh call would plan it.  Nothing is kept alive but
-process groups (meshes are keyed by id and their plans dropped when they are freed).  Planning communicates nothing, so a rank hitting the cache while
-another misses changes nothing that is sent.  The one layout change the key does not see is an
+process groups (meshes are keyed by id and their plans dropped when they are freed).  Planning
+communicates nothing, so a rank hitting the cache while another misses changes nothing that is
+sent.  The one layout change the key does not see is an
 in-place reshape keeping element count and number of dims (only ``.data`` assignment or
 ``resize_`` can reshape a parameter's gradient); the norm does not depend on it, only the copy
 check's layout hash would lag.  Inputs with problems are never cached (they raise anyway).

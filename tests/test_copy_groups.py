@@ -27,8 +27,8 @@ from reference import (
     assert_close_norm,
     assert_same_on_all_ranks,
     clip_and_check,
-    collectives,
-    gather_objects,
+    full_grads,
+    named_param_grads,
     reference_norm,
 )
 
@@ -204,9 +204,7 @@ def _megatron_pieces(grid: Position) -> tuple[list[tuple[str, nn.Parameter]], di
 
 def _clip_megatron(grid: Position, norm_types) -> list[dict]:
     named, copy_group, full_norm = _megatron_pieces(grid)
-    distinct = {}
-    for per_rank in gather_objects({name: p.grad.double() for name, p in named}):
-        distinct.update(per_rank)
+    distinct = full_grads(named_param_grads(named))
     assert_close_norm(reference_norm(distinct, 2.0), full_norm, 2.0, rtol=1e-6)  # the pieces are the model
     original = [p.grad.clone() for _, p in named]
     results = []
@@ -245,9 +243,7 @@ def _clipper_with_copy_groups(grid: Position) -> list[str]:
     clipper = distclip.GradClipper([p for _, p in named], max_norm=0.01, replica_group=lambda p: copy_group[id(p)])
     norms = []
     for step in range(2):  # the second step runs on the plan made by the first
-        distinct = {}
-        for per_rank in gather_objects({name: p.grad.double() for name, p in named}):
-            distinct.update(per_rank)
+        distinct = full_grads(named_param_grads(named))
         result = clipper.clip_()
         assert_close_norm(result.total_norm.item(), reference_norm(distinct, 2.0), 2.0)
         norms.append(result.total_norm.item().hex())
