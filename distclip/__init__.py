@@ -7,12 +7,16 @@ DDP, FSDP1/FSDP2, HSDP, tensor, pipeline and expert parallelism.
 from distclip.clip_grad import clip_grad_norm_, clip_grads_with_norm_, get_total_norm
 from distclip.clipper import ClipResult, GradClipper
 from distclip.explain import Explanation, GradientExplanation, explain
+from distclip.policies import AutoClip, SpikeSkip, ZClip
 
 __all__ = [
+    "AutoClip",
     "ClipResult",
     "Explanation",
     "GradClipper",
     "GradientExplanation",
+    "SpikeSkip",
+    "ZClip",
     "clip_grad_norm_",
     "clip_grads_with_norm_",
     "explain",

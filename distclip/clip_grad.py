@@ -78,7 +78,7 @@ def _global_norm(
     """(total norm, invalid flag, plan, local tensors) for this rank's ``grads``: one collective."""
     plan = cached_plan(grads, topology, known, keys)
     local = plan.local_tensors(grads)
-    norms, invalid = plan.global_norms(local, pnorm, foreach)
+    norms, invalid, _ = plan.global_norms(local, pnorm, foreach)
     total = norms[0]
     if error_if_nonfinite and bool(total.isnan() | total.isinf()):
         raise RuntimeError(_NONFINITE_MESSAGE.format(pnorm.p))

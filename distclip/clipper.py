@@ -6,6 +6,8 @@ has the same parameters every step, so :class:`GradClipper` plans that once (a
 parameters that have gradients changed.  Per-group norms ride the same single all-reduce as the
 total.  Attached to an optimizer it clips inside ``optimizer.step()``; for fused optimizers it
 hands the coefficient to the kernel through ``grad_scale`` instead of rewriting the gradients.
+The threshold may adapt (:mod:`distclip.policies`), spikes may be skipped, and this rank's loss
+may ride the same all-reduce to come back as the global mean.
 """
 
 from __future__ import annotations
@@ -19,10 +21,12 @@ from torch import Tensor, nn
 from torch.distributed.tensor import DTensor
 from torch.utils.hooks import RemovableHandle
 
-from distclip import fsdp1
+from distclip import fsdp1, nonfinite as nonfinite_location
 from distclip.clip_grad import _gradients
 from distclip.partials import PNorm
 from distclip.plan import NormPlan
+from distclip.policies import AutoClip, SpikeSkip, ThresholdPolicy, ZClip
+from distclip.problems import Problem
 from distclip.scaling import check_max_norm, clip_coefficient
 from distclip.topology import GroupLike, ReplicaGroupLike, resolve_topology
 
@@ -36,13 +40,20 @@ class ClipResult:
 
     ``total_norm`` is the global norm *before* clipping; ``coef`` the factor the gradients were
     (or, for a fused optimizer, will be) multiplied by; ``nonfinite`` a 0-dim bool tensor, True
-    when the norm was NaN or infinite; ``group_norms`` the pre-clip norm of each group.
+    when the norm was NaN or infinite; ``group_norms`` the pre-clip norm of each group;
+    ``max_norm`` the threshold applied (the float, or the policy's value); ``skipped`` a 0-dim
+    bool tensor, True when this step's update is skipped (a spike, or a non-finite norm under
+    ``nonfinite="skip"``: the gradients are then left as they are); ``loss`` the mean of the
+    losses passed on the ranks that passed one (None when this rank passed none).
     """
 
     total_norm: Tensor
     coef: Tensor
     nonfinite: Tensor
     group_norms: dict[str, Tensor] = field(default_factory=dict)
+    max_norm: Tensor | None = None
+    skipped: Tensor | None = None
+    loss: Tensor | None = None
 
 
 class GradClipper:
@@ -50,13 +61,17 @@ class GradClipper:
 
     Args:
         model_or_params: an ``nn.Module`` (FSDP1 root modules included) or parameters.
-        max_norm, norm_type, group, replica_group: as in :func:`distclip.clip_grad_norm_`
+        max_norm: a float, or a threshold policy (:class:`distclip.ZClip`,
+            :class:`distclip.AutoClip`) that sets the threshold each step from the global norm.
+        norm_type, group, replica_group: as in :func:`distclip.clip_grad_norm_`
             (``replica_group`` may be a per-parameter callable, :mod:`distclip.copygroups`).
+        skip_spikes: a :class:`distclip.SpikeSkip` to skip steps whose norm or loss is a spike.
         groups: per-group norms to report: a mapping name -> parameters, ``"modules"`` (the
             model's top-level submodules) or ``"param_groups"`` (the attached optimizer's).
         nonfinite: ``"propagate"`` (torch's behaviour: NaN/inf norms scale gradients by NaN),
-            ``"error"`` (RuntimeError on every rank; reads the norm on the host) or ``"skip"``
-            (gradients are left as they are and an attached optimizer's step is a no-op).
+            ``"error"`` (RuntimeError on every rank naming the parameters and ranks holding
+            NaN/inf; reads the norm on the host) or ``"skip"`` (gradients are left as they are
+            and an attached optimizer's step is a no-op).
         foreach: as in torch.
         history: how many past total norms to keep (in ``state_dict``).
     """
@@ -64,9 +79,10 @@ class GradClipper:
     def __init__(
         self,
         model_or_params: Union[nn.Module, Iterable[Tensor]],
-        max_norm: float = 1.0,
+        max_norm: Union[float, ThresholdPolicy] = 1.0,
         norm_type: float = 2.0,
         *,
+        skip_spikes: SpikeSkip | None = None,
         group: GroupLike = None,
         replica_group: ReplicaGroupLike = None,
         groups: GroupsSpec = None,
@@ -76,7 +92,11 @@ class GradClipper:
     ) -> None:
         if nonfinite not in NONFINITE_POLICIES:
             raise ValueError(f"distclip: nonfinite must be one of {NONFINITE_POLICIES}, got {nonfinite!r}")
-        self.max_norm = check_max_norm(max_norm)
+        self.policy = max_norm if isinstance(max_norm, (ZClip, AutoClip)) else None
+        self.max_norm = max_norm if self.policy is not None else check_max_norm(max_norm)
+        if skip_spikes is not None and not isinstance(skip_spikes, SpikeSkip):
+            raise ValueError(f"distclip: skip_spikes must be None or a distclip.SpikeSkip, got {skip_spikes!r}")
+        self.skip_spikes = skip_spikes
         self.pnorm = PNorm.parse(norm_type)
         self.nonfinite = nonfinite
         self.foreach = foreach
@@ -97,7 +117,10 @@ class GradClipper:
         self.steps = 0
         self._clipped_steps = torch.zeros((), dtype=torch.int64)
         self._nonfinite_steps = torch.zeros((), dtype=torch.int64)
+        self._skipped_steps = torch.zeros((), dtype=torch.int64)
         self.history: collections.deque[Tensor] = collections.deque(maxlen=history)
+        self.last: ClipResult | None = None  # the latest step's result (attach() returns none)
+        self._observed_loss: Tensor | None = None
 
     # -- groups ---------------------------------------------------------------------------
 
@@ -152,22 +175,42 @@ class GradClipper:
             self._plan_key = key
         return grads, self._plan
 
-    def _norms(self, loss_scale: Tensor | None = None) -> tuple[ClipResult, NormPlan, list[Tensor], Tensor]:
-        """Global norms and the coefficient, without touching the gradients."""
+    def _norms(
+        self, loss_scale: Tensor | None = None, loss: Tensor | None = None
+    ) -> tuple[ClipResult, NormPlan, list[Tensor], Tensor]:
+        """Global norms, threshold, skip decision and coefficient, without touching the
+        gradients: one all-reduce carries the norms and the loss."""
         grads, plan = self._current()
         local = plan.local_tensors(grads)
+        loss_terms, problems = _loss_terms(loss, plan.device)
         # With GradScaler's scale still in the gradients, the norm is divided by it.
-        norms, invalid = plan.global_norms(local, self.pnorm, self.foreach, divide_by=loss_scale)
+        norms, invalid, loss_sums = plan.global_norms(
+            local, self.pnorm, self.foreach, divide_by=loss_scale, extra=loss_terms, problems=problems
+        )
         total = norms[0]
         nonfinite = total.isnan() | total.isinf()
         if self.nonfinite == "error" and bool(nonfinite):
+            located = nonfinite_location.describe(self.nonfinite_report())
             raise RuntimeError(
-                f"distclip: the global gradient norm is non-finite ({total.item()}) on step {self.steps}"
+                f"distclip: the global gradient norm is non-finite ({total.item()}) on step {self.steps}: "
+                f"NaN/inf gradients in {located}"
             )
-        keep = invalid | nonfinite.to(invalid.device) if self.nonfinite == "skip" else invalid
-        coef = clip_coefficient(self.max_norm, total, keep=keep)
+        skipped = nonfinite if self.nonfinite == "skip" else torch.zeros_like(nonfinite)
+        norm = total.to(torch.float64)
+        loss_sum, loss_count = loss_sums.to(total.device).unbind()
+        global_loss = loss_sum / loss_count  # NaN when no rank passed one
+        if self.skip_spikes is not None:
+            skipped = skipped | self.skip_spikes.step(norm, global_loss, loss_count > 0, skipped)
+        if self.policy is not None:
+            max_norm = self.policy.step(norm, ~skipped).to(total.dtype)
+            coef = clip_coefficient(max_norm, total, keep=invalid | skipped)
+        else:
+            max_norm = torch.full((), self.max_norm, dtype=total.dtype, device=total.device)
+            coef = clip_coefficient(self.max_norm, total, keep=invalid | skipped)
         groups = {name: norms[1 + i] for i, name in enumerate(self.group_names)}
-        result = ClipResult(total, coef, nonfinite, groups)
+        result = ClipResult(
+            total, coef, nonfinite, groups, max_norm, skipped, global_loss.to(total.dtype) if loss is not None else None
+        )
         self._record(result)
         return result, plan, local, coef
 
@@ -178,19 +221,45 @@ class GradClipper:
         if self._clipped_steps.device != device:
             self._clipped_steps = self._clipped_steps.to(device)
             self._nonfinite_steps = self._nonfinite_steps.to(device)
+            self._skipped_steps = self._skipped_steps.to(device)
         self.steps += 1
         self._clipped_steps += result.coef < 1
         self._nonfinite_steps += result.nonfinite.to(device)
+        self._skipped_steps += result.skipped.to(device)
         self.history.append(result.total_norm.detach())
+        self.last = result
 
     @torch.no_grad()
-    def clip_(self) -> ClipResult:
+    def clip_(self, loss: Tensor | None = None) -> ClipResult:
         """Compute the global (and per-group) norms with one all-reduce and scale every local
         gradient in place by ``min(max_norm / (total + 1e-6), 1)``.  No host sync unless
-        ``nonfinite="error"``."""
-        result, plan, local, coef = self._norms()
+        ``nonfinite="error"``.
+
+        ``loss``: this rank's loss (a 0-dim floating tensor), or None; its mean over the ranks
+        that passed one comes back in ``result.loss`` from the same all-reduce, and
+        :class:`~distclip.SpikeSkip` judges it.  A skipped step leaves the gradients as they
+        are: do not step the optimizer when ``result.skipped`` (:meth:`attach` does that).
+        """
+        result, plan, local, coef = self._norms(loss=loss)
         plan.scale_(local, coef, self.foreach)
         return result
+
+    def observe_loss(self, loss: Tensor | None) -> None:
+        """With :meth:`attach`: the loss used by the clip inside the next ``optimizer.step()``
+        (as ``clip_(loss=...)``).  Kept for one step only."""
+        self._observed_loss = loss
+
+    def _take_observed_loss(self) -> Tensor | None:
+        loss, self._observed_loss = self._observed_loss, None
+        return loss
+
+    @torch.no_grad()
+    def nonfinite_report(self) -> dict[str, list[int]]:
+        """Parameter name -> sorted global ranks whose gradients of it hold NaN/inf (empty when
+        all are finite), identical on every rank: a collective, every rank must call it.
+        Qualified names when the clipper was given a module, else ``parameter {index}``."""
+        named = nonfinite_location.named_gradients(self.module, self.params)
+        return nonfinite_location.locate(named, self.topology)
 
     # -- optimizer integration ------------------------------------------------------------
 
@@ -201,8 +270,10 @@ class GradClipper:
         gradients in place and skips the step on inf before the hook runs; for fused ones
         (``fused=True`` Adam, AdamW, SGD) the hook divides the norm by the scaler's scale and
         folds the coefficient into ``optimizer.grad_scale``, so the clip costs no extra pass over
-        the gradients.  With ``nonfinite="skip"`` a fused optimizer gets ``found_inf`` (no
-        sync); others have their gradients set to None for the step (one host sync).
+        the gradients.  A skipped step (``nonfinite="skip"``, ``skip_spikes``) changes neither
+        parameters nor optimizer state: a fused optimizer gets ``found_inf`` (no sync); others
+        have their gradients set to None for the step (one host sync, only when skipping is
+        possible).  The loss of :meth:`observe_loss` rides the clip; the result is in ``last``.
         """
         if self._groups_spec == "param_groups":
             self._set_groups(
@@ -217,23 +288,26 @@ class GradClipper:
         )
         created: list[str] = []
 
+        may_skip = self.nonfinite == "skip" or self.skip_spikes is not None
+
         def clip_before_step(opt, args, kwargs):
+            loss = self._take_observed_loss()
             if not fused:
-                result = self.clip_()
-                if self.nonfinite == "skip" and bool(result.nonfinite):
+                result = self.clip_(loss)
+                if may_skip and bool(result.skipped):
                     for group in opt.param_groups:
                         for p in group["params"]:
                             p.grad = None
                 return None
             loss_scale = getattr(opt, "grad_scale", None)
             with torch.no_grad():
-                result, _, _, coef = self._norms(loss_scale)
+                result, _, _, coef = self._norms(loss_scale, loss)
             scale = (loss_scale if loss_scale is not None else torch.ones((), device=coef.device)).to(coef.device)
             created.clear()
             created.extend(name for name in ("grad_scale", "found_inf") if getattr(opt, name, None) is None)
             opt.grad_scale = (scale / coef).to(torch.float32)
-            if self.nonfinite == "skip":
-                found = result.nonfinite.to(torch.float32)
+            if may_skip:
+                found = result.skipped.to(torch.float32)
                 previous = getattr(opt, "found_inf", None)
                 opt.found_inf = found if previous is None else torch.maximum(previous, found.to(previous.device))
             return None
@@ -252,28 +326,59 @@ class GradClipper:
     # -- checkpointing --------------------------------------------------------------------
 
     def state_dict(self) -> dict:
-        """Counters, history and policies: plain Python values, identical on every rank."""
+        """Counters, history and the policies' state: plain Python values, identical on every
+        rank.  A run resumed from it makes the same threshold and skip decisions."""
         return {
-            "max_norm": self.max_norm,
+            "max_norm": self.max_norm if self.policy is None else None,
             "norm_type": self.pnorm.p,
             "nonfinite": self.nonfinite,
             "steps": self.steps,
             "clipped_steps": int(self._clipped_steps),
             "nonfinite_steps": int(self._nonfinite_steps),
+            "skipped_steps": int(self._skipped_steps),
             "history": [float(t) for t in self.history],
+            "threshold_policy": None if self.policy is None else self.policy.state_dict(),
+            "skip_spikes": None if self.skip_spikes is None else self.skip_spikes.state_dict(),
         }
 
     def load_state_dict(self, state: dict) -> None:
-        self.max_norm = check_max_norm(state["max_norm"])
-        self.pnorm = PNorm.parse(state["norm_type"])
+        """Restore :meth:`state_dict`.  The policies must be configured as when it was saved
+        (ValueError otherwise); a float ``max_norm`` is taken from the state."""
+        for key, mine in (("threshold_policy", self.policy), ("skip_spikes", self.skip_spikes)):
+            if (state.get(key) is None) != (mine is None):
+                raise ValueError(
+                    f"distclip: the checkpoint has {key}={'none' if state.get(key) is None else 'one'}, "
+                    f"this clipper {'none' if mine is None else 'one'}"
+                )
         if state["nonfinite"] not in NONFINITE_POLICIES:
             raise ValueError(f"distclip: unknown nonfinite policy {state['nonfinite']!r} in state")
+        if self.policy is None:
+            self.max_norm = check_max_norm(state["max_norm"])
+        else:
+            self.policy.load_state_dict(state["threshold_policy"])
+        if self.skip_spikes is not None:
+            self.skip_spikes.load_state_dict(state["skip_spikes"])
+        self.pnorm = PNorm.parse(state["norm_type"])
         self.nonfinite = state["nonfinite"]
         self.steps = int(state["steps"])
         self._clipped_steps.fill_(int(state["clipped_steps"]))
         self._nonfinite_steps.fill_(int(state["nonfinite_steps"]))
+        self._skipped_steps.fill_(int(state.get("skipped_steps", 0)))
         self.history.clear()
         self.history.extend(torch.tensor(v) for v in state["history"])
+
+
+def _loss_terms(loss: Tensor | None, device: torch.device) -> tuple[Tensor, dict[Problem, str]]:
+    """``[loss, 1]`` (``[0, 0]`` without one) in float64 on ``device``, to be summed over the
+    group; a loss that is not a 0-dim floating tensor is a problem every rank raises."""
+    if loss is None:
+        return torch.zeros(2, dtype=torch.float64, device=device), {}
+    if not isinstance(loss, Tensor) or loss.dim() != 0 or not loss.is_floating_point():
+        shape = tuple(loss.shape) if isinstance(loss, Tensor) else None
+        what = f"a {type(loss).__name__}" if shape is None else f"a tensor of shape {shape} and dtype {loss.dtype}"
+        return torch.zeros(2, dtype=torch.float64, device=device), {Problem.INVALID_LOSS: f"got {what}"}
+    value = loss.detach().to(device=device, dtype=torch.float64).reshape(1)
+    return torch.cat([value, torch.ones(1, dtype=torch.float64, device=device)]), {}
 
 
 class _Attachment:

@@ -141,25 +141,35 @@ class NormPlan:
         return torch.cat([total, pnorm.merge(per_group, self.num_groups, self.device)])
 
     def global_norms(
-        self, local: Sequence[Tensor], pnorm: PNorm, foreach: bool | None, divide_by: Tensor | None = None
-    ) -> tuple[Tensor, Tensor]:
-        """Partials and the copy check -> the one all-reduce -> ``(norms, invalid)``: the k norms
-        ``[total, groups]`` in the output dtype on the output device (divided by ``divide_by``
-        first, in float64: GradScaler's scale), and True where a rank reported a problem or the
-        copies assumed differ.  Problems are raised on every rank that knows of them."""
+        self,
+        local: Sequence[Tensor],
+        pnorm: PNorm,
+        foreach: bool | None,
+        divide_by: Tensor | None = None,
+        extra: Tensor | None = None,
+        problems: Mapping[Problem, str] | None = None,
+    ) -> tuple[Tensor, Tensor, Tensor | None]:
+        """Partials and the copy check -> the one all-reduce -> ``(norms, invalid, extra)``: the
+        k norms ``[total, groups]`` in the output dtype on the output device (divided by
+        ``divide_by`` first, in float64: GradScaler's scale), True where a rank reported a
+        problem or the copies assumed differ, and the float64 vector ``extra`` summed over the
+        group (None when not given).  Problems (the plan's, and ``problems`` the caller found in
+        this step's other input) are raised on every rank that knows of them."""
+        problems = {**self.problems, **problems} if problems else self.problems
         reduced = all_reduce_partials(
             self.partials(local, pnorm, foreach),
             self.presence,
-            self.problems,
+            problems,
             pnorm,
             self.topology,
             self.copy_check.contributions(local, self.device),
+            extra,
         )
-        raise_problems(reduced, self.problems)
+        raise_problems(reduced, problems)
         norms = reduced.norms
         if divide_by is not None:
             norms = norms / divide_by.to(norms.device, torch.float64)
-        return norms.to(device=self.out_device, dtype=self.out_dtype), reduced.invalid
+        return norms.to(device=self.out_device, dtype=self.out_dtype), reduced.invalid, reduced.extra
 
     def scale_(self, local: Sequence[Tensor], coefficient: Tensor, foreach: bool | None) -> None:
         """Multiply every local gradient in place by ``coefficient``."""

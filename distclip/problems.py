@@ -38,6 +38,7 @@ class Problem(enum.Enum):
         "group> (a one-rank group without data parallelism). Gradients not yet synchronized "
         "(no_sync, gradient accumulation)? clip after the synchronizing backward"
     )
+    INVALID_LOSS = "`loss` must be None or a 0-dim floating-point tensor (this rank's loss)"
     UNKNOWN_CORRESPONDENCE = (
         "cannot tell which ranks hold copies of a DTensor gradient: `replica_group` reaches ranks "
         "outside its mesh that no common root DeviceMesh (or `group`) lines up with it"

@@ -4,7 +4,7 @@ single SUM all-reduce.
 The vector sent by each rank (float64, on the backend's device) is::
 
     [ values (k, or k * group size) | nan flags (k) | has-elements flags (k)
-      | problem flags (len(LOCAL_PROBLEMS)) | copy check (copycheck.SIZE) ]
+      | problem flags (len(LOCAL_PROBLEMS)) | copy check (copycheck.SIZE) | extra (e) ]
 
 Everything is reduced with SUM, for every norm type, because the copy check needs a sum (see
 :mod:`distclip.copycheck`).  For finite p the values are the p-th powers (or nonzero counts),
@@ -15,6 +15,8 @@ locally, in the same order, with the same bits.  (That block grows with the grou
 rank and norm, 128 KiB at 16,384 ranks, for the inf norms only.)  A NaN is replaced by 0 before
 sending and restored from its flag after; flags are 0/1 and their sums count.
 ``k`` is 1 for the functional API and 1 + number of groups when per-group norms ride along.
+``extra`` is any other float64 vector the caller wants summed over the group in the same
+collective (the clipper's loss sum and loss count); a NaN in it stays in its own entry.
 """
 
 from __future__ import annotations
@@ -47,6 +49,7 @@ class Reduced:
     norms: Tensor
     invalid: Tensor
     problems: list[Problem] | None
+    extra: Tensor | None = None
 
 
 def all_reduce_partials(
@@ -56,12 +59,14 @@ def all_reduce_partials(
     pnorm: PNorm,
     topology: Topology,
     copy_check: Tensor,
+    extra: Tensor | None = None,
 ) -> Reduced:
     """Combine the k partials of every rank of ``topology``'s group with one collective.
 
     ``partials`` is a float64 vector of k entries on the reduction device, ``copy_check`` this
-    rank's contribution to the copy check (see :mod:`distclip.copycheck`).  Without a process
-    group nothing is communicated and the same decoding applies.
+    rank's contribution to the copy check (see :mod:`distclip.copycheck`), ``extra`` a float64
+    vector summed as it is (same length on every rank).  Without a process group nothing is
+    communicated and the same decoding applies.
     """
     k = partials.numel()
     device = partials.device
@@ -74,14 +79,21 @@ def all_reduce_partials(
         block[topology.group_ranks.index(topology.rank)] = values
         values = block.reshape(-1)
     flags = [float(f) for f in has_elements] + [float(p in local_problems) for p in LOCAL_PROBLEMS]
+    extra = torch.zeros(0, dtype=torch.float64, device=device) if extra is None else extra.to(device, torch.float64)
     vector = torch.cat(
-        [values, nan.to(torch.float64), torch.tensor(flags, dtype=torch.float64, device=device), copy_check.to(device)]
+        [
+            values,
+            nan.to(torch.float64),
+            torch.tensor(flags, dtype=torch.float64, device=device),
+            copy_check.to(device),
+            extra,
+        ]
     )
     if topology.communicates:
         dist.all_reduce(vector, op=dist.ReduceOp.SUM, group=topology.process_group)
 
-    values, nan_flags, presence, problem_flags, check = vector.split(
-        [values.numel(), k, k, len(LOCAL_PROBLEMS), copy_check.numel()]
+    values, nan_flags, presence, problem_flags, check, extra = vector.split(
+        [values.numel(), k, k, len(LOCAL_PROBLEMS), copy_check.numel(), extra.numel()]
     )
     if spread:  # row r is exactly what rank r wrote (its partial, or the identity)
         values = pnorm.combine(values.reshape(ranks, k), dim=0)
@@ -95,12 +107,17 @@ def all_reduce_partials(
     invalid = (problem_flags != 0).any() | differ
     norms = torch.where((nan_flags != 0) | invalid, torch.full_like(values, float("nan")), finished)
 
-    problems = None
-    if device.type == "cpu":  # reading flags on the host is free here
-        problems = [p for p, flag in zip(LOCAL_PROBLEMS, problem_flags.tolist()) if flag != 0]
-        if bool(differ):
-            problems.append(Problem.COPIES_DIFFER)
-    return Reduced(norms, invalid, problems)
+    problems = _problems_read_on_host(problem_flags, differ) if device.type == "cpu" else None
+    return Reduced(norms, invalid, problems, extra if extra.numel() else None)
+
+
+def _problems_read_on_host(problem_flags: Tensor, differ: Tensor) -> list[Problem]:
+    """The problems flagged, read on the host: only for a CPU reduction, where it is free (on an
+    accelerator it would make every step wait for the device)."""
+    problems = [p for p, flag in zip(LOCAL_PROBLEMS, problem_flags.tolist()) if flag != 0]
+    if bool(differ):
+        problems.append(Problem.COPIES_DIFFER)
+    return problems
 
 
 def raise_problems(reduced: Reduced, local_problems: dict[Problem, str]) -> None:

@@ -1,0 +1,101 @@
+"""Where a non-finite gradient norm comes from: which parameters, on which ranks.
+
+The norm's one all-reduce says *that* some element is NaN or infinite, not where.  Finding where
+costs a second collective, so it is done only on the error path (``nonfinite="error"``, once the
+norm is known to be non-finite, which every rank knows together) or on demand
+(:meth:`distclip.GradClipper.nonfinite_report`).  Each rank tests its own local gradients (its
+shards, its copies) and the names are gathered, so the report, and the error text built from
+it, is identical on every rank: parameter names in the order the ranks report them, each with
+the sorted global ranks whose gradients hold NaN/inf there.
+
+Names are the module's qualified parameter names, with wrapper prefixes removed (DDP's
+``module.``, FSDP1's ``_fsdp_wrapped_module.``, activation checkpointing's), so they match the
+unwrapped model; FSDP1 flat gradients are located per original parameter.  Without a module,
+parameters are named by their index in the list given to the clipper.
+"""
+
+from __future__ import annotations
+
+import pickle
+from typing import Sequence
+
+import torch
+import torch.distributed as dist
+from torch import Tensor, nn
+from torch.distributed.fsdp._common_utils import clean_tensor_name
+from torch.distributed.tensor import DTensor
+from torch.nn.parallel import DistributedDataParallel
+
+from distclip import fsdp1
+from distclip.topology import Topology, reduction_device
+
+NonfiniteReport = dict[str, list[int]]
+
+
+def _local(grad: Tensor) -> Tensor:
+    return grad._local_tensor if isinstance(grad, DTensor) else grad
+
+
+def named_gradients(module: nn.Module | None, params: Sequence[Tensor]) -> list[tuple[str, Tensor]]:
+    """``(name, local gradient piece)`` for every gradient this rank holds."""
+    if module is None:
+        return [(f"parameter {i}", _local(p.grad)) for i, p in enumerate(params) if p.grad is not None]
+    root = module.module if isinstance(module, DistributedDataParallel) else module
+    named: list[tuple[str, Tensor]] = []
+    flat_managed: set[int] = set()
+    if fsdp1.has_units(root):
+        for prefix, unit in root.named_modules():
+            handle = getattr(unit, "_handle", None) if isinstance(unit, fsdp1.FullyShardedDataParallel) else None
+            if handle is None:
+                continue
+            flat_param = handle.flat_param
+            flat_managed.add(id(flat_param))
+            flat_managed.update(id(p) for p in (flat_param._params or ()))
+            if flat_param.grad is None:
+                continue
+            for fqn, info in zip(flat_param._fqns, flat_param._shard_param_infos):
+                if info.in_shard:
+                    piece = flat_param.grad[info.offset_in_shard : info.offset_in_shard + info.numel_in_shard]
+                    named.append((clean_tensor_name(f"{prefix}.{fqn}" if prefix else fqn), piece))
+    for name, p in root.named_parameters():
+        if p.grad is not None and id(p) not in flat_managed:
+            named.append((clean_tensor_name(name), _local(p.grad)))
+    return named
+
+
+def _gather(obj: object, topology: Topology) -> list:
+    """Every rank's ``obj`` over ``topology``'s group (all_gather_object needs numpy)."""
+    device = reduction_device(topology, fallback=torch.device("cpu"))
+    payload = torch.frombuffer(bytearray(pickle.dumps(obj)), dtype=torch.uint8).to(device)
+    ranks = len(topology.group_ranks)
+    sizes = [torch.zeros((), dtype=torch.int64, device=device) for _ in range(ranks)]
+    dist.all_gather(sizes, torch.tensor(payload.numel(), device=device), group=topology.process_group)
+    longest = max(int(s) for s in sizes)
+    buffers = [torch.empty(longest, dtype=torch.uint8, device=device) for _ in range(ranks)]
+    padded = torch.cat([payload, payload.new_zeros(longest - payload.numel())])
+    dist.all_gather(buffers, padded, group=topology.process_group)
+    return [pickle.loads(bytes(b[: int(s)].cpu().tolist())) for b, s in zip(buffers, sizes)]
+
+
+def locate(named: Sequence[tuple[str, Tensor]], topology: Topology) -> NonfiniteReport:
+    """Parameter name -> sorted global ranks whose gradient of it holds NaN or inf.
+
+    A collective over ``topology``'s group when it communicates: every rank must call it.
+    """
+    flags = [bool(~torch.isfinite(grad).all()) if grad.numel() else False for _, grad in named]
+    mine = (dist.get_rank() if dist.is_initialized() else 0, [name for (name, _), bad in zip(named, flags) if bad])
+    everyone = _gather(mine, topology) if topology.communicates else [mine]
+    report: NonfiniteReport = {}
+    for rank, names in everyone:
+        for name in names:
+            report.setdefault(name, []).append(rank)
+    return {name: sorted(ranks) for name, ranks in report.items()}
+
+
+def describe(report: NonfiniteReport, limit: int = 20) -> str:
+    """The report as one line: ``name (ranks 0, 1); ...``, at most ``limit`` names."""
+    if not report:
+        return "no local gradient holds NaN/inf (the non-finite value came from the reduction itself)"
+    parts = [f"{name} (rank{'s' if len(r) > 1 else ''} {', '.join(map(str, r))})" for name, r in report.items()]
+    more = f"; and {len(parts) - limit} more" if len(parts) > limit else ""
+    return "; ".join(parts[:limit]) + more
