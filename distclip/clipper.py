@@ -44,7 +44,9 @@ class ClipResult:
     ``max_norm`` the threshold applied (the float, or the policy's value); ``skipped`` a 0-dim
     bool tensor, True when this step's update is skipped (a spike, or a non-finite norm under
     ``nonfinite="skip"``: the gradients are then left as they are); ``loss`` the mean of the
-    losses passed on the ranks that passed one (None when this rank passed none).
+    losses passed on the ranks that passed one, on every rank (a pipeline stage without the
+    loss gets it too); NaN when no rank passed one (None would need every rank to know, on the
+    host, whether another passed one: a device sync).
     """
 
     total_norm: Tensor
@@ -208,9 +210,7 @@ class GradClipper:
             max_norm = torch.full((), self.max_norm, dtype=total.dtype, device=total.device)
             coef = clip_coefficient(self.max_norm, total, keep=invalid | skipped)
         groups = {name: norms[1 + i] for i, name in enumerate(self.group_names)}
-        result = ClipResult(
-            total, coef, nonfinite, groups, max_norm, skipped, global_loss.to(total.dtype) if loss is not None else None
-        )
+        result = ClipResult(total, coef, nonfinite, groups, max_norm, skipped, global_loss.to(total.dtype))
         self._record(result)
         return result, plan, local, coef
 
@@ -236,7 +236,7 @@ class GradClipper:
         ``nonfinite="error"``.
 
         ``loss``: this rank's loss (a 0-dim floating tensor), or None; its mean over the ranks
-        that passed one comes back in ``result.loss`` from the same all-reduce, and
+        that passed one comes back in ``result.loss`` on every rank from the same all-reduce, and
         :class:`~distclip.SpikeSkip` judges it.  A skipped step leaves the gradients as they
         are: do not step the optimizer when ``result.skipped`` (:meth:`attach` does that).
         """

@@ -190,8 +190,8 @@ class AutoClip:
     r"""AutoClip (Seetharaman et al., 2020): clip to a quantile of the norm history.
 
     The threshold is the ``quantile`` (linear interpolation, as ``numpy.percentile``) of the
-    last ``window`` accepted norms together with this step's norm, as the authors' code appends
-    the norm before taking the percentile.  While fewer than ``warmup_steps`` norms are known
+    last ``window`` norms, this step's included: the authors' code appends the norm to the
+    history before taking the percentile.  Only accepted norms stay in the history.  While fewer than ``warmup_steps`` norms are known
     (this one included), the threshold is ``max_norm`` (``None``: no clipping); it is never above
     ``max_norm``.  (The paper recommends the 10th percentile, ``quantile=0.1``, of the whole
     history; ``window`` bounds memory and lets the threshold follow the run.)

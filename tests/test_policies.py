@@ -1,0 +1,275 @@
+"""Threshold policies (ZClip, AutoClip) and spike skipping, step by step against independent
+float64 re-implementations of their rules, on a scripted sequence of global norms (warm-up,
+jitter, spikes, a NaN), under DDP and FSDP2 at world 1, 2 and 4."""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import math
+import statistics
+
+import pytest
+import torch
+import torch.distributed as dist
+from torch.distributed.device_mesh import init_device_mesh
+from torch.distributed.fsdp import fully_shard
+from torch.nn.parallel import DistributedDataParallel as DDP
+
+import distclip
+from models import backward, batch, build
+from reference import collectives
+
+# --------------------------------------------------------------------------- float64 references
+
+
+class ZClipReference:
+    """ZClip as the authors' code computes it, in Python floats."""
+
+    def __init__(self, alpha, z_thresh, warmup_steps, mode, max_norm=math.inf):
+        self.alpha, self.z, self.warmup, self.mode, self.cap = alpha, z_thresh, warmup_steps, mode, max_norm
+        self.buffer, self.mean, self.var = [], None, None
+
+    def step(self, g, accept):
+        finite = math.isfinite(g)
+        if self.mean is None:
+            if accept and finite:
+                self.buffer.append(g)
+                if len(self.buffer) == self.warmup:
+                    self.mean = sum(self.buffer) / len(self.buffer)
+                    self.var = sum((x - self.mean) ** 2 for x in self.buffer) / len(self.buffer)
+            return self.cap
+        std = math.sqrt(self.var)
+        z = (g - self.mean) / (std + 1e-6) if finite else math.nan
+        spike = z > self.z
+        target = {"reciprocal": self.mean + self.z**2 * std / z if spike else None,
+                  "mean": self.mean, "fixed": self.mean + self.z * std}[self.mode]
+        threshold = min(target if spike else self.mean + self.z * (std + 1e-6), self.cap)
+        if accept and finite:
+            e = target if spike else g
+            self.mean = self.alpha * self.mean + (1 - self.alpha) * e
+            self.var = self.alpha * self.var + (1 - self.alpha) * (e - self.mean) ** 2
+        return threshold
+
+
+class AutoClipReference:
+    def __init__(self, quantile, window, warmup_steps, max_norm=math.inf):
+        self.q, self.window, self.warmup, self.cap = quantile, window, warmup_steps, max_norm
+        self.history = []
+
+    def step(self, g, accept):
+        finite = math.isfinite(g)
+        candidates = sorted((self.history + [g] if finite else self.history)[-self.window :])
+        if len(candidates) < self.warmup:
+            threshold = self.cap
+        else:  # numpy.percentile's linear interpolation
+            h = (len(candidates) - 1) * self.q
+            lo = math.floor(h)
+            hi = min(lo + 1, len(candidates) - 1)
+            threshold = min(candidates[lo] + (h - lo) * (candidates[hi] - candidates[lo]), self.cap)
+        if accept and finite:
+            self.history = (self.history + [g])[-self.window :]
+        return threshold
+
+
+class SpikeSkipReference:
+    def __init__(self, sigmas, window, min_history):
+        self.sigmas, self.window, self.min = sigmas, window, min_history
+        self.norms, self.losses = [], []
+
+    def _spike(self, values, x):
+        return len(values) >= self.min and x > statistics.fmean(values) + self.sigmas * statistics.stdev(values)
+
+    def step(self, g, loss, skipped_anyway):
+        spike = self._spike(self.norms, g) or (loss is not None and self._spike(self.losses, loss))
+        if not (spike or skipped_anyway):
+            if math.isfinite(g):
+                self.norms = (self.norms + [g])[-self.window :]
+            if loss is not None and math.isfinite(loss):
+                self.losses = (self.losses + [loss])[-self.window :]
+        return spike
+
+
+# --------------------------------------------------------------------------- the scripted run
+
+# Loss multipliers: jitter around 1, spikes at 30 and 36, a NaN at 33, a slow rise after 40.
+STEPS = 48
+SPIKE_STEPS = {30: 40.0, 36: 9.0}
+NAN_STEP = 33
+
+
+def multiplier(step: int) -> float:
+    if step == NAN_STEP:
+        return math.nan
+    jitter = 1.0 + 0.04 * ((step * 7) % 5 - 2) + 0.02 * max(0, step - 40)
+    return jitter * SPIKE_STEPS.get(step, 1.0)
+
+
+def scripted_loss(step: int, rank: int) -> float | None:
+    """Rank 0 and the last rank pass losses (rank 1 of 4 passes none); a loss spike at 40."""
+    world = dist.get_world_size()
+    if world > 2 and rank == 1:
+        return None
+    return (2.0 + 0.01 * ((step * 3) % 7) + rank * 0.1) * (25.0 if step == 40 else 1.0)
+
+
+def _wrap(kind: str):
+    model = build()
+    if kind == "ddp":
+        return DDP(model)
+    mesh = init_device_mesh("cpu", (dist.get_world_size(),))
+    for layer in model.layers:
+        fully_shard(layer, mesh=mesh)
+    return fully_shard(model, mesh=mesh)
+
+
+def _local(grad):
+    return grad.to_local() if hasattr(grad, "to_local") else grad
+
+
+def _run_sequence(kind: str, policy: dict, spikes: dict | None, nonfinite: str, with_loss: bool):
+    """Clip the scripted sequence; check every step's gradients were scaled by exactly the
+    coefficient reported (or left alone when skipped); return the reported values."""
+    torch.manual_seed(0)
+    model = _wrap(kind)
+    max_norm = {"zclip": distclip.ZClip, "autoclip": distclip.AutoClip}[policy["name"]](**policy["args"]) if (
+        policy["name"] != "fixed") else policy["args"]["max_norm"]
+    clipper = distclip.GradClipper(
+        model, max_norm=max_norm, nonfinite=nonfinite, skip_spikes=distclip.SpikeSkip(**spikes) if spikes else None
+    )
+    rank = dist.get_rank()
+    x = batch(rank)
+    return [_step(model, clipper, x, step, rank, with_loss) for step in range(STEPS)]
+
+
+# Steps whose collectives are counted (profiling every step would triple the test's time).
+PROFILED_STEPS = (0, 10, 30, NAN_STEP, 40)
+
+
+def _step(model, clipper, x, step, rank, with_loss) -> dict:
+    model.zero_grad()
+    out = model(x)
+    out = out.full_tensor() if hasattr(out, "full_tensor") else out
+    ((out.float() ** 2).mean() * multiplier(step)).backward()
+    before = [_local(p.grad).clone() for p in model.parameters()]
+    loss = scripted_loss(step, rank) if with_loss else None
+    with collectives() if step in PROFILED_STEPS else contextlib.nullcontext([]) as issued:
+        result = clipper.clip_(loss=None if loss is None else torch.tensor(loss))
+    if step in PROFILED_STEPS:  # one rank alone communicates nothing
+        assert issued == (["gloo:all_reduce"] if dist.get_world_size() > 1 else []), (step, issued)
+    after = [_local(p.grad) for p in model.parameters()]
+    if bool(result.skipped):
+        for a, b in zip(after, before):  # bitwise, NaN included
+            assert torch.equal(a.view(torch.int32), b.view(torch.int32)), f"step {step}: a skipped step changed gradients"
+    elif not bool(result.nonfinite):
+        for a, b in zip(after, before):
+            torch.testing.assert_close(a, b * result.coef, rtol=0, atol=0)
+    return {
+        "norm": float(result.total_norm),
+        "max_norm": float(result.max_norm),
+        "coef": float(result.coef),
+        "skipped": bool(result.skipped),
+        "loss": float(result.loss),
+        "bits": (result.total_norm.item().hex(), result.max_norm.item().hex(), result.coef.item().hex()),
+    }
+
+
+def _reference_losses(world: int, step: int) -> float | None:
+    passed = [scripted_loss_for(world, step, r) for r in range(world)]
+    passed = [v for v in passed if v is not None]
+    return sum(passed) / len(passed) if passed else None
+
+
+def scripted_loss_for(world: int, step: int, rank: int) -> float | None:
+    if world > 2 and rank == 1:
+        return None
+    return (2.0 + 0.01 * ((step * 3) % 7) + rank * 0.1) * (25.0 if step == 40 else 1.0)
+
+
+def _check_against_references(per_rank, world, policy, spikes, nonfinite, with_loss):
+    def bits(steps):  # NaN != NaN: compare bit patterns
+        return [(s["bits"], s["skipped"], s["loss"].hex()) for s in steps]
+
+    assert all(bits(r) == bits(per_rank[0]) for r in per_rank), "ranks disagree on a norm, threshold, skip or loss"
+    steps = per_rank[0]
+    threshold_ref = {
+        "fixed": lambda: None,
+        "zclip": lambda: ZClipReference(**{"alpha": 0.97, "z_thresh": 2.5, "warmup_steps": 25, "mode": "reciprocal",
+                                            **policy["args"]}),
+        "autoclip": lambda: AutoClipReference(**{"quantile": 0.9, "window": 1000, "warmup_steps": 25,
+                                                 **policy["args"]}),
+    }[policy["name"]]()
+    spike_ref = SpikeSkipReference(**spikes) if spikes else None
+    decisions = []
+    for step, got in enumerate(steps):
+        g = got["norm"]
+        loss = _reference_losses(world, step) if with_loss else None
+        if with_loss:
+            assert got["loss"] == pytest.approx(loss, rel=1e-6), (step, got["loss"], loss)
+        else:
+            assert math.isnan(got["loss"]), "no rank passed a loss: NaN"
+        skipped = nonfinite == "skip" and not math.isfinite(g)
+        if spike_ref is not None:
+            skipped = spike_ref.step(g, loss, skipped) or skipped
+        assert got["skipped"] == skipped, f"step {step}: skipped {got['skipped']}, reference {skipped}"
+        expected = policy["args"]["max_norm"] if threshold_ref is None else threshold_ref.step(g, not skipped)
+        assert got["max_norm"] == pytest.approx(expected, rel=2e-7), f"step {step}: {got['max_norm']} vs {expected}"
+        if math.isfinite(g) and not skipped:
+            coef = min(got["max_norm"] / (g + 1e-6), 1.0)
+            assert got["coef"] == pytest.approx(coef, rel=2e-7), (step, got["coef"], coef)
+        decisions.append((skipped, got["coef"] < 1))
+    return decisions
+
+
+def _run_and_check(ranks, kind, world, policy, spikes=None, nonfinite="propagate", with_loss=False):
+    per_rank = ranks(world).run(_run_sequence, kind, policy, spikes, nonfinite, with_loss)
+    return _check_against_references(per_rank, world, policy, spikes, nonfinite, with_loss)
+
+
+ZCLIP = {"name": "zclip", "args": {"warmup_steps": 10}}
+AUTOCLIP = {"name": "autoclip", "args": {"quantile": 0.9, "window": 12, "warmup_steps": 5}}
+SPIKE_SKIP = {"sigmas": 6.0, "window": 16, "min_history": 8}
+
+
+# --------------------------------------------------------------------------- the rules
+
+
+@pytest.mark.parametrize("mode", ["reciprocal", "mean", "fixed"])
+def test_zclip_threshold_follows_the_papers_rule(ranks, mode):
+    decisions = _run_and_check(ranks, "ddp", 2, {"name": "zclip", "args": {"warmup_steps": 10, "mode": mode}})
+    clipped = [step for step, (_, was_clipped) in enumerate(decisions) if was_clipped]
+    assert 30 in clipped and 36 in clipped and not any(step < 10 for step in clipped), clipped
+
+
+def test_zclip_with_a_cap_clips_during_warm_up_too(ranks):
+    decisions = _run_and_check(ranks, "ddp", 2, {"name": "zclip", "args": {"warmup_steps": 10, "max_norm": 1e-3}})
+    assert all(was_clipped for _, was_clipped in decisions[:10])
+
+
+@pytest.mark.parametrize("kind,world", [("ddp", 1), ("fsdp2", 2), ("fsdp2", 4)])
+def test_zclip_is_identical_on_every_rank_under_sharding(ranks, kind, world):
+    _run_and_check(ranks, kind, world, ZCLIP)
+
+
+@pytest.mark.parametrize("kind,world", [("ddp", 2), ("fsdp2", 2)])
+def test_autoclip_threshold_is_the_quantile_of_the_recent_norms(ranks, kind, world):
+    decisions = _run_and_check(ranks, kind, world, AUTOCLIP)
+    assert sum(was_clipped for _, was_clipped in decisions) >= 4
+
+
+@pytest.mark.parametrize("kind,world", [("ddp", 2), ("fsdp2", 4)])
+def test_spike_skip_skips_grad_norm_and_nonfinite_steps(ranks, kind, world):
+    decisions = _run_and_check(ranks, kind, world, {"name": "fixed", "args": {"max_norm": 1e3}}, SPIKE_SKIP, "skip")
+    assert [step for step, (skipped, _) in enumerate(decisions) if skipped] == [30, NAN_STEP, 36]
+
+
+@pytest.mark.parametrize("world", [2, 4])
+def test_spike_skip_judges_the_global_loss(ranks, world):
+    decisions = _run_and_check(ranks, "ddp", world, {"name": "fixed", "args": {"max_norm": 1e3}}, SPIKE_SKIP, "skip",
+                               with_loss=True)
+    assert 40 in [step for step, (skipped, _) in enumerate(decisions) if skipped]
+
+
+def test_skipped_steps_stay_out_of_the_threshold_policy(ranks):
+    _run_and_check(ranks, "ddp", 2, ZCLIP, SPIKE_SKIP, "skip", with_loss=True)
+    _run_and_check(ranks, "fsdp2", 2, AUTOCLIP, SPIKE_SKIP, "skip")
