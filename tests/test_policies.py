@@ -8,6 +8,7 @@ import contextlib
 import copy
 import math
 import statistics
+import traceback
 
 import pytest
 import torch
@@ -273,3 +274,242 @@ def test_spike_skip_judges_the_global_loss(ranks, world):
 def test_skipped_steps_stay_out_of_the_threshold_policy(ranks):
     _run_and_check(ranks, "ddp", 2, ZCLIP, SPIKE_SKIP, "skip", with_loss=True)
     _run_and_check(ranks, "fsdp2", 2, AUTOCLIP, SPIKE_SKIP, "skip")
+
+
+# --------------------------------------------------------------------------- skipping a step
+
+OPTIMIZERS = {
+    "adamw": lambda ps, fused: torch.optim.AdamW(ps, lr=0.01, fused=fused),
+    "sgd-momentum": lambda ps, fused: torch.optim.SGD(ps, lr=0.05, momentum=0.9, fused=fused),
+}
+SPIKE_STEP = 5
+
+
+def _bits(tensor):
+    return tensor.detach().clone().view(torch.int32) if tensor.dtype == torch.float32 else tensor.detach().clone()
+
+
+def _optimizer_state(optimizer):
+    return {f"{id(p)}.{k}": _bits(v) for p, s in optimizer.state.items() for k, v in s.items() if torch.is_tensor(v)}
+
+
+def _skipped_step_changes_nothing(optimizer_name, fused, with_scaler):
+    model = DDP(build())
+    optimizer = OPTIMIZERS[optimizer_name](model.parameters(), fused)
+    clipper = distclip.GradClipper(model, max_norm=1.0, skip_spikes=distclip.SpikeSkip(sigmas=50.0, window=8, min_history=3))
+    clipper.attach(optimizer)
+    scaler = torch.amp.GradScaler("cpu", init_scale=2.0**8) if with_scaler else None
+    x = batch(dist.get_rank())
+    for step in range(SPIKE_STEP + 2):
+        optimizer.zero_grad()
+        loss = (model(x).float() ** 2).mean() * (1e4 if step == SPIKE_STEP else 1.0)
+        clipper.observe_loss(loss.detach())
+        params = [_bits(p) for p in model.parameters()]
+        state = _optimizer_state(optimizer)
+        if scaler is None:
+            loss.backward()
+            optimizer.step()
+        else:
+            scaler.scale(loss).backward()
+            scaler.step(optimizer)
+            scaler.update()
+        unchanged = all(torch.equal(_bits(p), b) for p, b in zip(model.parameters(), params))
+        state_after = _optimizer_state(optimizer)
+        same_state = state_after.keys() == state.keys() and all(torch.equal(state_after[k], state[k]) for k in state)
+        skipped = bool(clipper.last.skipped)
+        assert skipped == (step == SPIKE_STEP), f"step {step}: skipped={skipped}"
+        if skipped:
+            assert unchanged and same_state, "a skipped step changed parameters or optimizer state"
+            assert not hasattr(optimizer, "found_inf") or scaler is not None
+        else:
+            assert not unchanged, f"step {step} did not update the parameters"
+    return clipper.state_dict()["skipped_steps"]
+
+
+@pytest.mark.parametrize("with_scaler", [False, True], ids=["plain", "grad-scaler"])
+@pytest.mark.parametrize("fused", [False, True], ids=["foreach", "fused"])
+@pytest.mark.parametrize("optimizer_name", sorted(OPTIMIZERS))
+def test_skipped_step_leaves_parameters_and_optimizer_state_bitwise_unchanged(ranks, optimizer_name, fused, with_scaler):
+    assert ranks(2).run(_skipped_step_changes_nothing, optimizer_name, fused, with_scaler) == [1, 1]
+
+
+# --------------------------------------------------------------------------- checkpoints
+
+
+def _clipper_for(policy_name):
+    policy = {"zclip": lambda: distclip.ZClip(warmup_steps=4),
+              "autoclip": lambda: distclip.AutoClip(quantile=0.5, window=5, warmup_steps=3)}[policy_name]()
+    return policy, distclip.SpikeSkip(sigmas=3.0, window=6, min_history=3)
+
+
+def _train(model, optimizer, clipper, steps):
+    x = batch(dist.get_rank())
+    record = []
+    for step in steps:
+        optimizer.zero_grad()
+        loss = (model(x).float() ** 2).mean() * (30.0 if step in (7, 10) else 1.0 + 0.1 * (step % 3))
+        clipper.observe_loss(loss.detach())
+        loss.backward()
+        optimizer.step()
+        record.append((clipper.last.max_norm.item().hex(), bool(clipper.last.skipped),
+                       [p.detach().clone() for p in model.parameters()]))
+    return record
+
+
+def _resume_makes_the_same_decisions(policy_name, save_at, total):
+    def fresh():
+        model = DDP(build())
+        optimizer = torch.optim.AdamW(model.parameters(), lr=0.01)
+        policy, spikes = _clipper_for(policy_name)
+        clipper = distclip.GradClipper(model, max_norm=policy, skip_spikes=spikes)
+        clipper.attach(optimizer)
+        return model, optimizer, clipper
+
+    model, optimizer, clipper = fresh()
+    _train(model, optimizer, clipper, range(save_at))
+    saved = copy.deepcopy((model.state_dict(), optimizer.state_dict(), clipper.state_dict()))
+    uninterrupted = _train(model, optimizer, clipper, range(save_at, total))
+
+    model, optimizer, clipper = fresh()
+    model.load_state_dict(saved[0])
+    optimizer.load_state_dict(saved[1])
+    clipper.load_state_dict(saved[2])
+    resumed = _train(model, optimizer, clipper, range(save_at, total))
+    for step, (a, b) in enumerate(zip(uninterrupted, resumed), start=save_at):
+        assert a[:2] == b[:2], f"step {step}: threshold/skip {a[:2]} uninterrupted, {b[:2]} resumed"
+        assert all(torch.equal(p, q) for p, q in zip(a[2], b[2])), f"step {step}: parameters differ"
+    return [a[1] for a in uninterrupted]
+
+
+@pytest.mark.parametrize("policy_name", ["zclip", "autoclip"])
+def test_resumed_run_makes_the_same_thresholds_and_skips(ranks, policy_name):
+    skipped = ranks(2).run(_resume_makes_the_same_decisions, policy_name, 6, 12)
+    assert skipped[0] == skipped[1] and any(skipped[0]), skipped
+
+
+def test_loading_a_checkpoint_of_another_policy_raises():
+    saved = distclip.GradClipper([torch.zeros(1, requires_grad=True)], max_norm=distclip.ZClip(alpha=0.9)).state_dict()
+    other = distclip.GradClipper([torch.zeros(1, requires_grad=True)], max_norm=distclip.ZClip(alpha=0.8))
+    with pytest.raises(ValueError, match="alpha"):
+        other.load_state_dict(saved)
+    with pytest.raises(ValueError, match="threshold_policy"):
+        distclip.GradClipper([torch.zeros(1, requires_grad=True)]).load_state_dict(saved)
+
+
+# --------------------------------------------------------------------------- one collective, no host sync
+
+
+def _loss_rides_the_norm_collective(norm_type):
+    model = DDP(build())
+    clipper = distclip.GradClipper(model, max_norm=distclip.ZClip(warmup_steps=2), norm_type=norm_type,
+                                   skip_spikes=distclip.SpikeSkip(window=4, min_history=2))
+    rank, world = dist.get_rank(), dist.get_world_size()
+    losses = []
+    for step in range(4):
+        model.zero_grad()
+        backward(model, batch(rank))
+        loss = torch.tensor(1.0 + rank) if step % 2 == 0 or rank == 0 else None  # odd steps: rank 0 alone
+        with collectives() as issued:
+            result = clipper.clip_(loss=loss)
+        assert issued == ["gloo:all_reduce"], issued
+        expected = (sum(1.0 + r for r in range(world)) / world) if step % 2 == 0 else 1.0
+        assert result.loss.item() == pytest.approx(expected, rel=1e-7), (step, result.loss, expected)
+        losses.append(result.loss.item().hex())
+    return losses
+
+
+@pytest.mark.parametrize("norm_type", [2.0, 1.0, math.inf, -math.inf])
+def test_loss_mean_rides_the_one_collective(ranks, norm_type):
+    per_rank = ranks(2).run(_loss_rides_the_norm_collective, norm_type)
+    assert per_rank[0] == per_rank[1]
+
+
+class NoHostSync(torch.utils._python_dispatch.TorchDispatchMode):
+    """Fails on any read of a tensor's value by the host (``.item()``, ``bool()``, ``tolist()``),
+    which on an accelerator makes the host wait for the device.  The CPU-only read of the
+    reduction's problem flags is the one exception: it is skipped on accelerators."""
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        if func is torch.ops.aten._local_scalar_dense.default and not any(
+            frame.name == "_problems_read_on_host" for frame in traceback.extract_stack()
+        ):
+            raise AssertionError("a host sync: " + "".join(traceback.format_stack(limit=12)))
+        return func(*args, **(kwargs or {}))
+
+
+def _no_host_sync(policy_name, fused):
+    model = DDP(build())
+    policy = {"fixed": lambda: 0.5,
+              "zclip": lambda: distclip.ZClip(warmup_steps=2),
+              "autoclip": lambda: distclip.AutoClip(window=4, warmup_steps=2)}
+    clipper = distclip.GradClipper(model, max_norm=policy[policy_name](),
+                                   skip_spikes=distclip.SpikeSkip(window=4, min_history=2))
+    optimizer = torch.optim.AdamW(model.parameters(), lr=0.01, fused=fused) if fused is not None else None
+    if optimizer is not None:
+        clipper.attach(optimizer)
+    for step in range(5):
+        model.zero_grad()
+        loss = (model(batch(dist.get_rank())).float() ** 2).mean() * (100.0 if step == 4 else 1.0)
+        loss.backward()
+        with NoHostSync():
+            if optimizer is None:
+                clipper.clip_(loss=loss.detach())
+            else:
+                clipper.observe_loss(loss.detach())
+                optimizer.step()
+    return bool(clipper.last.skipped)
+
+
+@pytest.mark.parametrize("fused", [None, True], ids=["clip_", "attached-fused"])
+@pytest.mark.parametrize("policy_name", ["fixed", "zclip", "autoclip"])
+def test_policies_and_spike_skip_never_wait_for_the_device(ranks, policy_name, fused):
+    assert ranks(2).run(_no_host_sync, policy_name, fused) == [True, True]
+
+
+def test_the_host_sync_audit_catches_a_sync():
+    with pytest.raises(AssertionError, match="host sync"), NoHostSync():
+        torch.ones(()).item()
+
+
+# --------------------------------------------------------------------------- bad input
+
+
+@pytest.mark.parametrize(
+    "make,argument",
+    [
+        (lambda: distclip.ZClip(alpha=0.0), "alpha"),
+        (lambda: distclip.ZClip(alpha=1.0), "alpha"),
+        (lambda: distclip.ZClip(z_thresh=0.0), "z_thresh"),
+        (lambda: distclip.ZClip(warmup_steps=0), "warmup_steps"),
+        (lambda: distclip.ZClip(mode="zscore"), "mode"),
+        (lambda: distclip.AutoClip(quantile=0.0), "quantile"),
+        (lambda: distclip.AutoClip(quantile=1.0), "quantile"),
+        (lambda: distclip.AutoClip(window=1), "window"),
+        (lambda: distclip.AutoClip(window=10, warmup_steps=11), "warmup_steps"),
+        (lambda: distclip.SpikeSkip(sigmas=0.0), "sigmas"),
+        (lambda: distclip.SpikeSkip(sigmas=-1.0), "sigmas"),
+        (lambda: distclip.SpikeSkip(window=1), "window"),
+        (lambda: distclip.SpikeSkip(window=8, min_history=1), "min_history"),
+        (lambda: distclip.GradClipper([torch.zeros(1)], skip_spikes=6.0), "skip_spikes"),
+    ],
+)
+def test_bad_policy_argument_raises_value_error_naming_it(make, argument):
+    with pytest.raises(ValueError, match=argument):
+        make()
+
+
+def _bad_loss_on_one_rank(bad):
+    model = DDP(build())
+    clipper = distclip.GradClipper(model, max_norm=distclip.ZClip(warmup_steps=2))
+    backward(model, batch(dist.get_rank()))
+    before = [p.grad.clone() for p in model.parameters()]
+    loss = {"vector": torch.ones(2), "integer": torch.tensor(3), "float": 3.0}[bad] if dist.get_rank() == 1 else torch.tensor(1.0)
+    with pytest.raises(ValueError, match="`loss` must be None or a 0-dim floating-point tensor"):
+        clipper.clip_(loss=loss)
+    assert all(torch.equal(p.grad, b) for p, b in zip(model.parameters(), before)), "gradients were modified"
+    return True
+
+
+@pytest.mark.parametrize("bad", ["vector", "integer", "float"])
+def test_bad_loss_on_one_rank_raises_on_every_rank(ranks, bad):
+    assert ranks(2).run(_bad_loss_on_one_rank, bad) == [True, True]
