@@ -29,6 +29,8 @@ from torch import nn
 import distclip
 
 PARALLELISMS = ("ddp", "fsdp2", "hsdp", "fsdp2+tp", "pp", "fsdp1")
+CLIP_POLICIES = ("fixed", "zclip", "autoclip")
+SPIKE_FACTOR = 50.0  # --inject-spike multiplies that step's loss (and so its gradients) by this
 DEFAULT_DATA = Path(__file__).resolve().parent / "data" / "corpus.txt"
 
 
@@ -65,7 +67,13 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--layers", type=int, default=2)
     p.add_argument("--heads", type=int, default=4)
     p.add_argument("--lr", type=float, default=3e-3)
-    p.add_argument("--max-norm", type=float, default=1.0)
+    p.add_argument("--max-norm", type=float, default=1.0, help="the threshold of --clip fixed")
+    p.add_argument("--clip", default="fixed", help="threshold: " + " | ".join(CLIP_POLICIES) +
+                   " (zclip, autoclip: distclip.ZClip() / distclip.AutoClip() defaults, no clipping in warm-up)")
+    p.add_argument("--skip-spikes", action="store_true",
+                   help="skip steps whose grad norm or loss exceeds mean + 6 std of the last 128 (distclip.SpikeSkip())")
+    p.add_argument("--inject-spike", type=int, default=None, metavar="STEP",
+                   help=f"multiply STEP's loss by {SPIKE_FACTOR:g}, so that a real spike occurs")
     p.add_argument("--norm-type", type=float, default=2.0)
     p.add_argument("--tp", type=int, default=2, help="tensor-parallel degree for fsdp2+tp")
     p.add_argument("--replicas", type=int, default=2, help="replicate degree for hsdp")
@@ -86,6 +94,10 @@ def parse_args(argv=None) -> argparse.Namespace:
     world = int(os.environ.get("WORLD_SIZE", "1"))
     if args.parallel not in PARALLELISMS:
         fail(f"unknown --parallel {args.parallel!r}; choose one of {', '.join(PARALLELISMS)}")
+    if args.clip not in CLIP_POLICIES:
+        fail(f"unknown --clip {args.clip!r}; choose one of {', '.join(CLIP_POLICIES)}")
+    if args.inject_spike is not None and not 1 <= args.inject_spike <= args.steps:
+        fail(f"--inject-spike {args.inject_spike} is not a step of this run (1..{args.steps})")
     if not args.data.is_file():
         fail(f"data file {args.data} does not exist")
     if args.parallel == "hsdp" and world % args.replicas:
@@ -316,7 +328,11 @@ def train(args: argparse.Namespace) -> None:
     model = GPT(data.vocab_size, args.dim, args.layers, args.heads, args.seq_len).to(device)
     model, replica_group, schedule = parallelize(model, args, device)
     optimizer = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=0.01)
-    clipper = distclip.GradClipper(model, max_norm=args.max_norm, norm_type=args.norm_type, replica_group=replica_group)
+    threshold = {"fixed": lambda: args.max_norm, "zclip": distclip.ZClip, "autoclip": distclip.AutoClip}[args.clip]()
+    clipper = distclip.GradClipper(
+        model, max_norm=threshold, norm_type=args.norm_type, replica_group=replica_group,
+        skip_spikes=distclip.SpikeSkip() if args.skip_spikes else None,
+    )
     start = load_checkpoint(args.resume, model, optimizer, clipper) if args.resume else 0
 
     dp = data_parallel_size(args.parallel, world, args.tp)
@@ -341,6 +357,7 @@ def train(args: argparse.Namespace) -> None:
         targets = targets[dp_rank * per_rank : (dp_rank + 1) * per_rank].to(device)
         optimizer.zero_grad(set_to_none=True)
         loss_sum = torch.zeros((), device=device)
+        spike = SPIKE_FACTOR if args.inject_spike == step + 1 else 1.0
         for i in range(args.grad_accum):
             x, y = inputs[i * micro : (i + 1) * micro], targets[i * micro : (i + 1) * micro]
             with autocast:
@@ -349,30 +366,35 @@ def train(args: argparse.Namespace) -> None:
                     first_stage = rank < world // 2  # mesh (pp, dp): stage 0 holds the first ranks
                     schedule.step(*([x] if first_stage else []), target=None if first_stage else y, losses=losses)
                     # GPipe sums micro-batch gradients; scale to the mean like the others.
-                    loss = torch.stack(losses).mean() if losses else torch.zeros((), device=device)
+                    loss = torch.stack(losses).mean() * spike if losses else None
                 else:
                     with gradient_sync(model, i == args.grad_accum - 1):
-                        loss = lm_loss(model(x), y)
+                        loss = lm_loss(model(x), y) * spike
                         (loss / args.grad_accum).backward()
-            loss_sum += loss.detach() / args.grad_accum
-        if schedule is not None and args.grad_accum > 1:
+            if loss is not None:  # the first pipeline stage has none
+                loss_sum += loss.detach() / args.grad_accum
+        if schedule is not None and (args.grad_accum > 1 or spike != 1.0):
+            # The schedule owns backward: average its summed micro-batches, inject the spike here.
             for p in model.parameters():
                 if p.grad is not None:
-                    p.grad /= args.grad_accum
+                    p.grad *= spike / args.grad_accum
         if args.inject_failure == (step + 1, rank):
             raise RuntimeError(f"injected failure on rank {rank} at step {step + 1}, between backward and clip")
-        result = clipper.clip_()  # one all-reduce, every element once, same coefficient everywhere
-        optimizer.step()
+        # One all-reduce: every element counted once, the same coefficient everywhere, and the
+        # mean loss over the ranks holding one (all, or the last pipeline stage's).
+        has_loss = schedule is None or rank >= world // 2
+        result = clipper.clip_(loss=loss_sum if has_loss else None)
+        skipped = bool(result.skipped)  # read for the log anyway
+        if not skipped:  # a skipped step leaves parameters and optimizer state alone
+            optimizer.step()
 
-        # Logging only: the mean loss over the global batch, on rank 0.
-        dist.all_reduce(loss_sum)  # every rank holds a loss, or only the last stage's (pp)
-        loss_value = loss_sum.item() / (world if schedule is None else dp)
-        norm, coef = result.total_norm.item(), result.coef.item()
+        loss_value, norm, coef = result.loss.item(), result.total_norm.item(), result.coef.item()
         elapsed = time.perf_counter() - began
         tokens_per_s = args.global_batch * args.seq_len / elapsed
         if rank == 0:
             record = {"step": step + 1, "loss": loss_value, "grad_norm": norm, "coef": coef,
-                      "clipped_norm": norm * coef, "max_norm": args.max_norm, "tokens_per_s": tokens_per_s}
+                      "clipped_norm": None if skipped else norm * coef, "max_norm": result.max_norm.item(), "skipped": skipped,
+                      "tokens_per_s": tokens_per_s}
             log.write(json.dumps(record) + "\n")
             log.flush()
             if progress is not None:
@@ -403,8 +425,16 @@ def plot(metrics: Path, png: Path) -> None:
     left.plot(steps, [r["loss"] for r in rows])
     left.set(title="loss", xlabel="step", ylabel="cross-entropy (nats)")
     right.plot(steps, [r["grad_norm"] for r in rows], label="pre-clip norm")
-    right.plot(steps, [r["clipped_norm"] for r in rows], label="post-clip norm")
-    right.axhline(rows[-1]["max_norm"], color="k", linestyle="--", linewidth=1, label="max_norm")
+    right.plot(steps, [math.nan if r["clipped_norm"] is None else r["clipped_norm"] for r in rows],
+               label="post-clip norm")
+    # The threshold over time (inf during a policy's warm-up is not drawn).
+    right.plot(steps, [r.get("max_norm", math.inf) for r in rows], color="k", linestyle="--", linewidth=1,
+               label="threshold (max_norm)")
+    skipped = [r for r in rows if r.get("skipped")]
+    if skipped:
+        right.scatter([r["step"] for r in skipped], [r["grad_norm"] for r in skipped], color="red", marker="x",
+                      zorder=3, label="skipped step")
+        left.scatter([r["step"] for r in skipped], [r["loss"] for r in skipped], color="red", marker="x", zorder=3)
     right.set(title="global gradient norm", xlabel="step", yscale="log")
     right.legend()
     fig.tight_layout()

@@ -72,6 +72,37 @@ def test_resume_from_a_checkpoint_continues_the_same_history(fsdp2_run, tmp_path
     assert (fsdp2_run / "metrics.png").stat().st_size > 0
 
 
+SPIKY = [*TINY[:-1], "--steps", "32", "--clip", "autoclip", "--skip-spikes", "--inject-spike", "30"]
+
+
+@pytest.fixture(scope="module")
+def spiky_run(tmp_path_factory):
+    """AutoClip (warm-up 25) with spike skipping (min_history 20) and a spike injected at 30,
+    checkpointed at 28."""
+    out = tmp_path_factory.mktemp("spiky")
+    result = _torchrun(2, *SPIKY, "--save-every", "28", "--out", str(out), cwd=out)
+    assert result.returncode == 0, result.stderr[-3000:]
+    return out
+
+
+def test_injected_spike_is_skipped_and_the_threshold_adapts(spiky_run):
+    assert [i + 1 for i, s in enumerate(_history(spiky_run, "skipped")) if s] == [30]
+    thresholds = _history(spiky_run, "max_norm")
+    assert all(t is None or t == float("inf") for t in thresholds[:24]), thresholds[:24]  # warm-up
+    norms = _history(spiky_run, "grad_norm")
+    assert all(0 < t < max(norms[:29]) * 1.5 for t in thresholds[24:]), thresholds[24:]
+    losses = _history(spiky_run, "loss")
+    assert losses[29] > 20 * max(losses[25:29]), losses[25:31]  # the clipper's global mean loss
+    assert (spiky_run / "metrics.png").stat().st_size > 0
+
+
+def test_resume_restores_the_threshold_and_spike_windows(spiky_run, tmp_path):
+    resumed = _torchrun(2, *SPIKY, "--resume", str(spiky_run / "step_28"), "--out", str(tmp_path), cwd=tmp_path)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    for key in ("max_norm", "skipped", "grad_norm", "loss"):
+        assert _history(tmp_path, key) == _history(spiky_run, key)[28:], key
+
+
 def _one_error_line(stderr: str, message: str) -> None:
     ours = [line for line in stderr.splitlines() if line.startswith("train.py: error:")]
     assert len(ours) == 1 and message in ours[0], stderr[-2000:]
@@ -79,7 +110,12 @@ def _one_error_line(stderr: str, message: str) -> None:
 
 @pytest.mark.parametrize(
     "args,message",
-    [(["--parallel", "zero3"], "unknown --parallel"), (["--data", "missing.txt"], "does not exist")],
+    [
+        (["--parallel", "zero3"], "unknown --parallel"),
+        (["--data", "missing.txt"], "does not exist"),
+        (["--clip", "sometimes"], "unknown --clip"),
+        (["--inject-spike", "0"], "not a step of this run"),
+    ],
 )
 def test_bad_arguments_fail_with_one_line(args, message, tmp_path):
     # Checked before any process group exists: one process shows it (torchrun adds nothing).
