@@ -11,16 +11,14 @@ from pathlib import Path
 
 import pytest
 
+from torchrun import run_torchrun
+
 TRAIN = Path(__file__).resolve().parent.parent / "launch" / "train.py"
 TINY = ["--steps", "3", "--dim", "32", "--layers", "2", "--seq-len", "32", "--global-batch", "8", "--no-progress"]
 
 
 def _torchrun(nproc, *args, cwd):
-    env = dict(os.environ, OMP_NUM_THREADS="1")
-    return subprocess.run(
-        [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}", str(TRAIN), *args],
-        capture_output=True, text=True, timeout=300, env=env, cwd=cwd,
-    )
+    return run_torchrun(nproc, str(TRAIN), *args, cwd=cwd)
 
 
 def _history(out: Path, key="grad_norm"):

@@ -1,12 +1,11 @@
 """Every README snippet marked with a ``# torchrun --nproc-per-node=N file.py`` line runs."""
 
-import os
 import re
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
+
+from torchrun import run_torchrun
 
 README = Path(__file__).resolve().parent.parent / "README.md"
 SNIPPET = re.compile(r"```python\n# torchrun --nproc-per-node=(\d+) (\S+)\n(.*?)```", re.S)
@@ -23,9 +22,5 @@ def test_readme_snippet_runs_under_torchrun(name, tmp_path):
     nproc, code = SNIPPETS[name]
     script = tmp_path / name
     script.write_text(code)
-    env = dict(os.environ, OMP_NUM_THREADS="1")
-    result = subprocess.run(
-        [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}", str(script)],
-        capture_output=True, text=True, timeout=240, env=env, cwd=tmp_path,
-    )
+    result = run_torchrun(nproc, str(script), cwd=tmp_path, timeout=240)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
