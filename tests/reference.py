@@ -9,11 +9,13 @@ from __future__ import annotations
 import contextlib
 import math
 import pickle
+import traceback
 
 import torch
 import torch.distributed as dist
 from torch.distributed.tensor import DTensor
 from torch.profiler import ProfilerActivity, profile
+from torch.utils._python_dispatch import TorchDispatchMode
 
 import distclip
 
@@ -71,6 +73,19 @@ def collectives():
     with profile(activities=[ProfilerActivity.CPU]) as prof:
         yield counter
     counter.extend(e.name for e in prof.events() if e.name.startswith("gloo:"))
+
+
+class NoHostSync(TorchDispatchMode):
+    """Fails on any read of a tensor's value by the host (``.item()``, ``bool()``, ``tolist()``),
+    which on an accelerator makes the host wait for the device.  The CPU-only read of the
+    reduction's problem flags is the one exception: it is skipped on accelerators."""
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        if func is torch.ops.aten._local_scalar_dense.default and not any(
+            frame.name == "_problems_read_on_host" for frame in traceback.extract_stack()
+        ):
+            raise AssertionError("a host sync: " + "".join(traceback.format_stack(limit=12)))
+        return func(*args, **(kwargs or {}))
 
 
 def assert_close_norm(actual: float, expected: float, norm_type: float, rtol: float = 1e-5) -> None:

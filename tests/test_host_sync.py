@@ -1,0 +1,56 @@
+"""The default path never makes the host wait for the device: no ``aten._local_scalar_dense``
+(``.item()``, ``bool()``, ``tolist()`` on a tensor) in clip_grad_norm_, get_total_norm,
+clip_grads_with_norm_ or GradClipper, under DDP, FSDP2 and FSDP2 + a plain tensor, for every
+norm type.  (The policies' audit is in test_policies.py.)  Run on CPU, where a sync is free but
+the dispatch is the same as on an accelerator."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+import torch.distributed as dist
+from torch.distributed.device_mesh import init_device_mesh
+from torch.distributed.fsdp import fully_shard
+from torch.nn.parallel import DistributedDataParallel as DDP
+
+import distclip
+from models import backward, batch, build
+from reference import NoHostSync
+
+
+def _model(kind):
+    model = build()
+    if kind == "ddp":
+        return DDP(model)
+    mesh = init_device_mesh("cpu", (dist.get_world_size(),))
+    for layer in model.layers:
+        fully_shard(layer, mesh=mesh)
+    return fully_shard(model, mesh=mesh)
+
+
+def _default_paths_never_sync(kind, norm_type):
+    model = _model(kind)
+    params = list(model.parameters())
+    if kind == "fsdp2+plain":  # a plain replicated tensor beside the DTensors
+        extra = torch.nn.Parameter(torch.ones(3))
+        extra.grad = torch.full((3,), 0.5)
+        params.append(extra)
+    clipper = distclip.GradClipper(params, max_norm=0.1, norm_type=norm_type, groups={"first": params[:2]})
+    for _ in range(2):  # the first call plans, the second reuses the plan
+        backward(model, batch(dist.get_rank()))
+        with NoHostSync():
+            norm = distclip.clip_grad_norm_(params, 0.1, norm_type)
+            total = distclip.get_total_norm([p.grad for p in params], norm_type)
+            distclip.clip_grads_with_norm_(params, 0.1, total)
+            result = clipper.clip_()
+        model.zero_grad()
+    return [norm.item().hex(), result.total_norm.item().hex()]
+
+
+@pytest.mark.parametrize("norm_type", [2.0, 1.0, math.inf, -math.inf, 0.0])
+@pytest.mark.parametrize("kind", ["ddp", "fsdp2", "fsdp2+plain"])
+def test_default_paths_never_wait_for_the_device(ranks, kind, norm_type):
+    per_rank = ranks(2).run(_default_paths_never_sync, kind, norm_type)
+    assert per_rank[0] == per_rank[1]
