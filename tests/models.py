@@ -3,7 +3,11 @@
 from __future__ import annotations
 
 import torch
+import torch.distributed as dist
 from torch import nn
+from torch.distributed.device_mesh import DeviceMesh, init_device_mesh
+from torch.distributed.fsdp import fully_shard
+from torch.nn.parallel import DistributedDataParallel as DDP
 
 NORM_TYPES = [2.0, 1.0, 3.0, 0.5, 0.0, float("inf"), float("-inf")]
 
@@ -26,6 +30,24 @@ class MLP(nn.Module):
 def build(model_cls=MLP, seed: int = 0, **kwargs) -> nn.Module:
     torch.manual_seed(seed)
     return model_cls(**kwargs)
+
+
+def shard_layers(model: nn.Module, mesh: DeviceMesh | None = None) -> nn.Module:
+    """FSDP2 on each of ``model.layers`` and on the root, over ``mesh`` (default: all of WORLD)."""
+    mesh = init_device_mesh("cpu", (dist.get_world_size(),)) if mesh is None else mesh
+    for layer in model.layers:
+        fully_shard(layer, mesh=mesh)
+    return fully_shard(model, mesh=mesh)
+
+
+def wrap(model: nn.Module, kind: str) -> nn.Module:
+    """``kind`` "ddp": DDP over WORLD; "fsdp2": :func:`shard_layers` over WORLD."""
+    return DDP(model) if kind == "ddp" else shard_layers(model)
+
+
+def local(grad: torch.Tensor) -> torch.Tensor:
+    """This rank's part of a gradient: a DTensor's local shard, a plain tensor itself."""
+    return grad.to_local() if hasattr(grad, "to_local") else grad
 
 
 def batch(rank: int, width: int = 16, rows: int = 8, seed: int = 1234) -> torch.Tensor:

@@ -7,13 +7,12 @@ import math
 import pytest
 import torch
 import torch.distributed as dist
-from torch import nn
 from torch.distributed.device_mesh import init_device_mesh
 from torch.distributed.fsdp import fully_shard
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 import distclip
-from models import backward, batch, build
+from models import backward, batch, build, local, wrap
 from reference import assert_close_norm, collectives, full_grads, reference_norm
 
 OPTIMIZERS = {
@@ -27,21 +26,10 @@ def _twin_models(kind):
     """Two identical models with identical gradients: DDP or FSDP2 on the WORLD."""
     models = []
     for _ in range(2):
-        model = build()
-        if kind == "ddp":
-            model = DDP(model)
-        else:
-            mesh = init_device_mesh("cpu", (dist.get_world_size(),))
-            for layer in model.layers:
-                fully_shard(layer, mesh=mesh)
-            model = fully_shard(model, mesh=mesh)
+        model = wrap(build(), kind)
         backward(model, batch(dist.get_rank()))
         models.append(model)
     return models
-
-
-def _local(grad):
-    return grad.to_local() if hasattr(grad, "to_local") else grad
 
 
 def _clipper_matches_functional(kind, norm_type):
@@ -53,7 +41,7 @@ def _clipper_matches_functional(kind, norm_type):
     expected = distclip.clip_grad_norm_(theirs, 0.05, norm_type)
     assert torch.equal(result.total_norm, expected)
     for a, b in zip(ours.parameters(), theirs.parameters()):
-        assert torch.equal(_local(a.grad), _local(b.grad))
+        assert torch.equal(local(a.grad), local(b.grad))
     return result.total_norm.item().hex()
 
 

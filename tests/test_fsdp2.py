@@ -3,20 +3,13 @@
 import pytest
 import torch.distributed as dist
 from torch.distributed.device_mesh import init_device_mesh
-from torch.distributed.fsdp import fully_shard
 
-from models import NORM_TYPES, backward, batch, build
+from models import NORM_TYPES, backward, batch, build, shard_layers
 from reference import assert_same_on_all_ranks, clip_and_check
 
 
-def _shard(model, mesh):
-    for layer in model.layers:
-        fully_shard(layer, mesh=mesh)
-    return fully_shard(model, mesh=mesh)
-
-
 def _fsdp2_clip(norm_type):
-    model = _shard(build(), init_device_mesh("cpu", (dist.get_world_size(),)))
+    model = shard_layers(build())
     backward(model, batch(dist.get_rank()))
     assert model.head.bias.grad.numel() == 1  # smaller than the world: empty shards exist
     return clip_and_check(model.named_parameters(), norm_type)
@@ -30,7 +23,7 @@ def test_fsdp2_norm_equals_full_gradient_norm(ranks, world_size, norm_type):
 
 def _hsdp_clip(norm_type, shape):
     mesh = init_device_mesh("cpu", shape, mesh_dim_names=("replicate", "shard"))
-    model = _shard(build(), mesh)
+    model = shard_layers(build(), mesh)
     backward(model, batch(dist.get_rank()))
     return clip_and_check(model.named_parameters(), norm_type)
 

@@ -11,27 +11,14 @@ import math
 import pytest
 import torch
 import torch.distributed as dist
-from torch.distributed.device_mesh import init_device_mesh
-from torch.distributed.fsdp import fully_shard
-from torch.nn.parallel import DistributedDataParallel as DDP
 
 import distclip
-from models import backward, batch, build
+from models import backward, batch, build, wrap
 from reference import NoHostSync
 
 
-def _model(kind):
-    model = build()
-    if kind == "ddp":
-        return DDP(model)
-    mesh = init_device_mesh("cpu", (dist.get_world_size(),))
-    for layer in model.layers:
-        fully_shard(layer, mesh=mesh)
-    return fully_shard(model, mesh=mesh)
-
-
 def _default_paths_never_sync(kind, norm_type):
-    model = _model(kind)
+    model = wrap(build(), "ddp" if kind == "ddp" else "fsdp2")
     params = list(model.parameters())
     if kind == "fsdp2+plain":  # a plain replicated tensor beside the DTensors
         extra = torch.nn.Parameter(torch.ones(3))

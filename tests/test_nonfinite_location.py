@@ -6,17 +6,15 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.distributed as dist
-from torch.distributed.device_mesh import init_device_mesh
 from torch.distributed.fsdp import FullyShardedDataParallel as FSDP
-from torch.distributed.fsdp import fully_shard
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 import distclip
-from models import backward, batch, build
+from models import backward, batch, build, local, wrap
 
 
 def _ddp():
-    model = DDP(build())
+    model = wrap(build(), "ddp")
     backward(model, batch(dist.get_rank()))
     return model
 
@@ -33,11 +31,7 @@ def _ddp_checkpointed():
 
 
 def _fsdp2():
-    model = build()
-    mesh = init_device_mesh("cpu", (dist.get_world_size(),))
-    for layer in model.layers:
-        fully_shard(layer, mesh=mesh)
-    model = fully_shard(model, mesh=mesh)
+    model = wrap(build(), "fsdp2")
     backward(model, batch(dist.get_rank()))
     return model
 
@@ -69,9 +63,9 @@ def _poison(model, kind, name, rank):
     named = model.module.named_parameters() if kind.startswith("ddp") else model.named_parameters()
     params = {distclip.nonfinite.clean_tensor_name(n): p for n, p in named}
     grad = params[name].grad
-    local = grad.to_local() if hasattr(grad, "to_local") else grad
-    assert local.numel(), f"{name} has no element on rank {rank}"
-    local.view(-1)[0] = float("nan")
+    piece = local(grad)
+    assert piece.numel(), f"{name} has no element on rank {rank}"
+    piece.view(-1)[0] = float("nan")
 
 
 BUILD = {"ddp": _ddp, "ddp-checkpointed": _ddp_checkpointed, "fsdp2": _fsdp2, "fsdp1": _fsdp1}

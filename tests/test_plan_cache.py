@@ -9,11 +9,11 @@ import torch
 import torch.distributed as dist
 from torch import nn
 from torch.distributed.device_mesh import init_device_mesh
-from torch.distributed.fsdp import FullyShardedDataParallel, ShardingStrategy, fully_shard
+from torch.distributed.fsdp import FullyShardedDataParallel, ShardingStrategy
 
 import distclip
 from distclip import plancache
-from models import backward, batch, build
+from models import backward, batch, build, shard_layers
 from reference import assert_same_on_all_ranks, clip_and_check
 from test_fsdp1 import _fsdp1_against_reference_and_fsdp
 
@@ -113,12 +113,6 @@ def test_new_parameters_at_freed_addresses_get_a_new_plan(ranks):
         assert_same_on_all_ranks([results[step] for results, _ in per_rank])
 
 
-def _fully_shard(model, mesh):
-    for layer in model.layers:
-        fully_shard(layer, mesh=mesh)
-    return fully_shard(model, mesh=mesh)
-
-
 def _model_rewrapped_with_fsdp2(norm_type):
     # Sharded over both ranks, then the same architecture replicated over them (HSDP, shard
     # size 1): the gradients' element counts and dims are equal, only placements differ.
@@ -126,7 +120,7 @@ def _model_rewrapped_with_fsdp2(norm_type):
     results = []
     for shape in [(1, world), (world, 1)]:
         mesh = init_device_mesh("cpu", shape, mesh_dim_names=("replicate", "shard"))
-        model = _fully_shard(build(), mesh)
+        model = shard_layers(build(), mesh)
         backward(model, batch(dist.get_rank()))
         results.append(clip_and_check(model.named_parameters(), norm_type))
     return results

@@ -12,12 +12,10 @@ import statistics
 import pytest
 import torch
 import torch.distributed as dist
-from torch.distributed.device_mesh import init_device_mesh
-from torch.distributed.fsdp import fully_shard
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 import distclip
-from models import backward, batch, build
+from models import backward, batch, build, local, wrap
 from reference import NoHostSync, collectives
 
 # --------------------------------------------------------------------------- float64 references
@@ -105,33 +103,18 @@ def multiplier(step: int) -> float:
     return jitter * SPIKE_STEPS.get(step, 1.0)
 
 
-def scripted_loss(step: int, rank: int) -> float | None:
-    """Rank 0 and the last rank pass losses (rank 1 of 4 passes none); a loss spike at 40."""
-    world = dist.get_world_size()
+def scripted_loss(world: int, step: int, rank: int) -> float | None:
+    """Every rank passes a loss but rank 1 of more than 2 (it passes none); a loss spike at 40."""
     if world > 2 and rank == 1:
         return None
     return (2.0 + 0.01 * ((step * 3) % 7) + rank * 0.1) * (25.0 if step == 40 else 1.0)
-
-
-def _wrap(kind: str):
-    model = build()
-    if kind == "ddp":
-        return DDP(model)
-    mesh = init_device_mesh("cpu", (dist.get_world_size(),))
-    for layer in model.layers:
-        fully_shard(layer, mesh=mesh)
-    return fully_shard(model, mesh=mesh)
-
-
-def _local(grad):
-    return grad.to_local() if hasattr(grad, "to_local") else grad
 
 
 def _run_sequence(kind: str, policy: dict, spikes: dict | None, nonfinite: str, with_loss: bool):
     """Clip the scripted sequence; check every step's gradients were scaled by exactly the
     coefficient reported (or left alone when skipped); return the reported values."""
     torch.manual_seed(0)
-    model = _wrap(kind)
+    model = wrap(build(), kind)
     max_norm = {"zclip": distclip.ZClip, "autoclip": distclip.AutoClip}[policy["name"]](**policy["args"]) if (
         policy["name"] != "fixed") else policy["args"]["max_norm"]
     clipper = distclip.GradClipper(
@@ -151,13 +134,13 @@ def _step(model, clipper, x, step, rank, with_loss) -> dict:
     out = model(x)
     out = out.full_tensor() if hasattr(out, "full_tensor") else out
     ((out.float() ** 2).mean() * multiplier(step)).backward()
-    before = [_local(p.grad).clone() for p in model.parameters()]
-    loss = scripted_loss(step, rank) if with_loss else None
+    before = [local(p.grad).clone() for p in model.parameters()]
+    loss = scripted_loss(dist.get_world_size(), step, rank) if with_loss else None
     with collectives() if step in PROFILED_STEPS else contextlib.nullcontext([]) as issued:
         result = clipper.clip_(loss=None if loss is None else torch.tensor(loss))
     if step in PROFILED_STEPS:  # one rank alone communicates nothing
         assert issued == (["gloo:all_reduce"] if dist.get_world_size() > 1 else []), (step, issued)
-    after = [_local(p.grad) for p in model.parameters()]
+    after = [local(p.grad) for p in model.parameters()]
     if bool(result.skipped):
         for a, b in zip(after, before):  # bitwise, NaN included
             assert torch.equal(a.view(torch.int32), b.view(torch.int32)), f"step {step}: a skipped step changed gradients"
@@ -175,15 +158,9 @@ def _step(model, clipper, x, step, rank, with_loss) -> dict:
 
 
 def _reference_losses(world: int, step: int) -> float | None:
-    passed = [scripted_loss_for(world, step, r) for r in range(world)]
+    passed = [scripted_loss(world, step, r) for r in range(world)]
     passed = [v for v in passed if v is not None]
     return sum(passed) / len(passed) if passed else None
-
-
-def scripted_loss_for(world: int, step: int, rank: int) -> float | None:
-    if world > 2 and rank == 1:
-        return None
-    return (2.0 + 0.01 * ((step * 3) % 7) + rank * 0.1) * (25.0 if step == 40 else 1.0)
 
 
 def _check_against_references(per_rank, world, policy, spikes, nonfinite, with_loss):
