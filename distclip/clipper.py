@@ -25,7 +25,7 @@ from distclip import fsdp1, nonfinite as nonfinite_location
 from distclip.clip_grad import _gradients
 from distclip.partials import PNorm
 from distclip.plan import NormPlan
-from distclip.policies import AutoClip, SpikeSkip, ThresholdPolicy, ZClip
+from distclip.policies import SpikeSkip, ThresholdPolicy
 from distclip.problems import Problem
 from distclip.scaling import check_max_norm, clip_coefficient
 from distclip.topology import GroupLike, ReplicaGroupLike, resolve_topology
@@ -94,7 +94,7 @@ class GradClipper:
     ) -> None:
         if nonfinite not in NONFINITE_POLICIES:
             raise ValueError(f"distclip: nonfinite must be one of {NONFINITE_POLICIES}, got {nonfinite!r}")
-        self.policy = max_norm if isinstance(max_norm, (ZClip, AutoClip)) else None
+        self.policy = max_norm if isinstance(max_norm, ThresholdPolicy) else None
         self.max_norm = max_norm if self.policy is not None else check_max_norm(max_norm)
         if skip_spikes is not None and not isinstance(skip_spikes, SpikeSkip):
             raise ValueError(f"distclip: skip_spikes must be None or a distclip.SpikeSkip, got {skip_spikes!r}")

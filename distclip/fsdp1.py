@@ -15,6 +15,8 @@ layout FSDP1 builds for hybrid sharding (intra-node groups, or a ``(replicate, s
 
 from __future__ import annotations
 
+from typing import Iterator
+
 from torch import Tensor, nn
 import torch.distributed as dist
 
@@ -34,13 +36,32 @@ def is_flat_param(param: Tensor) -> bool:
     return bool(getattr(param, "_is_flat_param", False))
 
 
+def param_ranges(flat_param: Tensor) -> list[tuple[str, int, int]]:
+    """``(name within the unit, start, stop)`` of each original parameter that has elements in
+    the local flat shard; everything else in the shard is padding."""
+    return [
+        (fqn, info.offset_in_shard, info.offset_in_shard + info.numel_in_shard)
+        for fqn, info in zip(flat_param._fqns, flat_param._shard_param_infos)
+        if info.in_shard
+    ]
+
+
 def _model_ranges(flat_param: Tensor) -> tuple[tuple[int, int], ...]:
     """The ranges of the local flat shard that hold original-parameter elements."""
-    return tuple(
-        (info.offset_in_shard, info.offset_in_shard + info.numel_in_shard)
-        for info in flat_param._shard_param_infos
-        if info.in_shard
-    )
+    return tuple((start, stop) for _, start, stop in param_ranges(flat_param))
+
+
+def managed_ids(flat_param: Tensor) -> set[int]:
+    """Ids of the FlatParameter and of the original parameters it manages (their views with
+    ``use_orig_params=True``): gradients that the flat gradient already covers."""
+    return {id(flat_param), *(id(p) for p in (flat_param._params or ()))}
+
+
+def units(module: nn.Module) -> Iterator[tuple[str, nn.Module]]:
+    """``(qualified name, unit)`` of every FSDP1 unit of ``module`` that holds a FlatParameter."""
+    for name, unit in module.named_modules():
+        if isinstance(unit, FullyShardedDataParallel) and unit._handle is not None:
+            yield name, unit
 
 
 def _unit_attribution(unit: nn.Module, topology: Topology) -> Attribution:
@@ -99,12 +120,9 @@ def module_gradients(
     known: dict[int, Attribution | OwnershipError] = {}
     params: list[Tensor] = []
     managed: set[int] = set()
-    for unit in FullyShardedDataParallel.fsdp_modules(module):
-        if unit._handle is None:
-            continue
+    for _, unit in units(module):
         flat_param = unit._handle.flat_param
-        managed.add(id(flat_param))
-        managed.update(id(p) for p in (flat_param._params or ()))
+        managed |= managed_ids(flat_param)
         if flat_param.grad is None:
             continue
         try:

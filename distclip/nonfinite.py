@@ -43,20 +43,13 @@ def named_gradients(module: nn.Module | None, params: Sequence[Tensor]) -> list[
     root = module.module if isinstance(module, DistributedDataParallel) else module
     named: list[tuple[str, Tensor]] = []
     flat_managed: set[int] = set()
-    if fsdp1.has_units(root):
-        for prefix, unit in root.named_modules():
-            handle = getattr(unit, "_handle", None) if isinstance(unit, fsdp1.FullyShardedDataParallel) else None
-            if handle is None:
-                continue
-            flat_param = handle.flat_param
-            flat_managed.add(id(flat_param))
-            flat_managed.update(id(p) for p in (flat_param._params or ()))
-            if flat_param.grad is None:
-                continue
-            for fqn, info in zip(flat_param._fqns, flat_param._shard_param_infos):
-                if info.in_shard:
-                    piece = flat_param.grad[info.offset_in_shard : info.offset_in_shard + info.numel_in_shard]
-                    named.append((clean_tensor_name(f"{prefix}.{fqn}" if prefix else fqn), piece))
+    for prefix, unit in fsdp1.units(root) if fsdp1.has_units(root) else ():
+        flat_param = unit._handle.flat_param
+        flat_managed |= fsdp1.managed_ids(flat_param)
+        if flat_param.grad is None:
+            continue
+        for fqn, start, stop in fsdp1.param_ranges(flat_param):
+            named.append((clean_tensor_name(f"{prefix}.{fqn}" if prefix else fqn), flat_param.grad[start:stop]))
     for name, p in root.named_parameters():
         if p.grad is not None and id(p) not in flat_managed:
             named.append((clean_tensor_name(name), _local(p.grad)))
