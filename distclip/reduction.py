@@ -79,22 +79,15 @@ def all_reduce_partials(
         block[topology.group_ranks.index(topology.rank)] = values
         values = block.reshape(-1)
     flags = [float(f) for f in has_elements] + [float(p in local_problems) for p in LOCAL_PROBLEMS]
-    extra = torch.zeros(0, dtype=torch.float64, device=device) if extra is None else extra.to(device, torch.float64)
-    vector = torch.cat(
-        [
-            values,
-            nan.to(torch.float64),
-            torch.tensor(flags, dtype=torch.float64, device=device),
-            copy_check.to(device),
-            extra,
-        ]
-    )
+    parts = [values, nan.to(torch.float64), torch.tensor(flags, dtype=torch.float64, device=device), copy_check.to(device)]
+    if extra is not None:  # the functional API sends none: its vector stays as it was
+        parts.append(extra.to(device, torch.float64))
+    vector = torch.cat(parts)
     if topology.communicates:
         dist.all_reduce(vector, op=dist.ReduceOp.SUM, group=topology.process_group)
 
-    values, nan_flags, presence, problem_flags, check, extra = vector.split(
-        [values.numel(), k, k, len(LOCAL_PROBLEMS), copy_check.numel(), extra.numel()]
-    )
+    sizes = [values.numel(), k, k, len(LOCAL_PROBLEMS), copy_check.numel()] + [part.numel() for part in parts[4:]]
+    values, nan_flags, presence, problem_flags, check, *extra_sum = vector.split(sizes)
     if spread:  # row r is exactly what rank r wrote (its partial, or the identity)
         values = pnorm.combine(values.reshape(ranks, k), dim=0)
     # -inf norm of no element at all: 0, as torch returns for no gradients.
@@ -108,7 +101,7 @@ def all_reduce_partials(
     norms = torch.where((nan_flags != 0) | invalid, torch.full_like(values, float("nan")), finished)
 
     problems = _problems_read_on_host(problem_flags, differ) if device.type == "cpu" else None
-    return Reduced(norms, invalid, problems, extra if extra.numel() else None)
+    return Reduced(norms, invalid, problems, extra_sum[0] if extra_sum else None)
 
 
 def _problems_read_on_host(problem_flags: Tensor, differ: Tensor) -> list[Problem]:
