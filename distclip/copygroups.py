@@ -13,6 +13,9 @@ callable ``parameter -> ProcessGroup | 1-D DeviceMesh | None``:
   ranks together (after the embedding group's all-reduce they hold one gradient);
 - None: no copy anywhere (a one-rank group).
 
+A callable that cannot tell raises ValueError: like every ownership problem it rides the one
+all-reduce, so every rank raises it together, whichever ranks asked.
+
 ``get_total_norm`` calls it with each gradient tensor, the other functions with each
 parameter.  A DTensor gradient keeps following its placements; its group plays the part of
 ``replica_group`` for copies outside its mesh.  The contract is the one of ``replica_group``:
@@ -42,7 +45,10 @@ def tensor_topology(key: Tensor, topology: Topology, resolved: dict | None = Non
     """
     if topology.replica_of is None:
         return topology
-    returned = topology.replica_of(key)
+    try:
+        returned = topology.replica_of(key)
+    except ValueError as error:  # the callable's own verdict, raised on every rank together
+        raise OwnershipError(Problem.REPLICA_GROUP_INVALID, str(error)) from None
     resolved = {} if resolved is None else resolved
     if id(returned) not in resolved:
         try:

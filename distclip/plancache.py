@@ -99,7 +99,10 @@ def _plan_key(
         )
     copy_groups = None
     if topology.replica_of is not None:
-        returned = tuple(map(topology.replica_of, grads if keys is None else keys))
+        try:
+            returned = tuple(map(topology.replica_of, grads if keys is None else keys))
+        except ValueError:  # reported by the ownership pass, through the reduction: no plan kept
+            return None, []
         # A 1-D mesh stands for its process group (the same ranks): the key keeps no mesh alive.
         as_group = {id(g): g.get_group() if isinstance(g, DeviceMesh) and g.ndim == 1 else g for g in returned}
         copy_groups = tuple(as_group[id(g)] for g in returned)
