@@ -20,8 +20,13 @@ ATTEMPTS = 3
 
 
 def run_torchrun(nproc: int, script: str, *args: str, cwd, timeout: float = 300) -> subprocess.CompletedProcess:
-    env = dict(os.environ, OMP_NUM_THREADS="1")
     command = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}", script, *args]
+    return run_launched(command, script, cwd=cwd, timeout=timeout)
+
+
+def run_launched(command: list[str], script: str, *, cwd, timeout: float = 300) -> subprocess.CompletedProcess:
+    """Run a launcher's ``command`` (torchrun, ``accelerate launch``) of ``script``."""
+    env = dict(os.environ, OMP_NUM_THREADS="1")
     for attempt in range(1, ATTEMPTS + 1):
         result = subprocess.run(command, capture_output=True, text=True, timeout=timeout, env=env, cwd=cwd)
         if result.returncode == 0 or TEARDOWN_ABORT not in result.stderr:
