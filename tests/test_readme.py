@@ -9,6 +9,7 @@ from torchrun import run_torchrun
 
 README = Path(__file__).resolve().parent.parent / "README.md"
 SNIPPET = re.compile(r"```python\n# torchrun --nproc-per-node=(\d+) (\S+)\n(.*?)```", re.S)
+INTEGRATIONS = {"lightning_clip.py": "lightning", "accelerate_clip.py": "accelerate", "torchtitan_clip.py": "torchtitan"}
 SNIPPETS = {name: (int(n), code) for n, name, code in SNIPPET.findall(README.read_text())}
 
 
@@ -17,9 +18,16 @@ def test_readme_has_a_snippet_per_parallelism():
             "zclip.py", "autoclip.py", "spikes.py"} <= set(SNIPPETS)
 
 
+def test_readme_has_a_snippet_per_integration():
+    assert {"lightning_clip.py", "accelerate_clip.py", "torchtitan_clip.py"} <= set(SNIPPETS)
+
+
 @pytest.mark.parametrize("name", sorted(SNIPPETS))
 def test_readme_snippet_runs_under_torchrun(name, tmp_path):
     nproc, code = SNIPPETS[name]
+    framework = INTEGRATIONS.get(name)
+    if framework is not None:
+        pytest.importorskip(framework)
     script = tmp_path / name
     script.write_text(code)
     result = run_torchrun(nproc, str(script), cwd=tmp_path, timeout=240)
