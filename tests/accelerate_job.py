@@ -4,7 +4,8 @@ A few training steps of a small model prepared by Accelerate in whatever configu
 launch flags give (DDP, FSDP1, FSDP2).  Every step, on the same gradients: the float64
 reference from the full gradients, Accelerate's own ``clip_grad_norm_`` (on a copy, when its
 configuration can compute one) and distclip's through ``install``, counting collectives.  Each
-rank prints one JSON line ``RESULT {...}``.
+rank writes its rows to ``rank{r}.json`` in the working directory (two ranks' prints would
+interleave on the launcher's stdout).
 """
 
 from __future__ import annotations
@@ -70,7 +71,8 @@ def main() -> None:
                  theirs=theirs, collectives=issued, scaled_exactly=scaled_exactly)
         )
         optimizer.step()
-    print("RESULT " + json.dumps(dict(rank=accelerator.process_index, kind=type(model).__name__, rows=rows)), flush=True)
+    with open(f"rank{accelerator.process_index}.json", "w") as f:
+        json.dump(dict(rank=accelerator.process_index, kind=type(model).__name__, rows=rows), f)
     accelerator.end_training()
     if torch.distributed.is_initialized():
         torch.distributed.destroy_process_group()

@@ -14,6 +14,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import socket
 import sys
 
 import pytest
@@ -22,16 +23,24 @@ from torchrun import run_launched
 
 pytest.importorskip("accelerate")
 
+
 JOB = os.path.join(os.path.dirname(os.path.abspath(__file__)), "accelerate_job.py")
 
 
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
 def _launch(*flags: str, tmp_path) -> list[dict]:
+    # A port of its own: Accelerate's default (29500) would collide with another launch.
     command = [sys.executable, "-m", "accelerate.commands.launch", "--num_processes", "2", "--num_machines", "1",
-               "--mixed_precision", "no", "--dynamo_backend", "no", *flags, JOB, "--cpu"]
+               "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", str(_free_port()),
+               *flags, JOB, "--cpu"]
     result = run_launched(command, JOB, cwd=tmp_path, timeout=240)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-5000:]
-    lines = [json.loads(line[len("RESULT "):]) for line in result.stdout.splitlines() if line.startswith("RESULT ")]
-    return sorted(lines, key=lambda r: r["rank"])
+    return [json.loads((tmp_path / f"rank{rank}.json").read_text()) for rank in (0, 1)]
 
 
 @pytest.fixture(scope="module")

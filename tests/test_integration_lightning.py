@@ -14,60 +14,77 @@ FSDP (``device_id=cpu``) in ``configure_model``, after which the strategy leaves
 
 from __future__ import annotations
 
+import functools
 import json
 import math
 import os
 import subprocess
 import sys
+import tempfile
+from pathlib import Path
 
 import pytest
 
 pytest.importorskip("lightning")
 
+
 JOB = os.path.join(os.path.dirname(os.path.abspath(__file__)), "lightning_job.py")
 STRATEGIES = {"ddp": "Linear", "fsdp": "FullyShardedDataParallel", "model_parallel": "FSDPLinear", "fabric": "fabric"}
 
 
-def _run(strategy: str, out) -> list[dict]:
+@functools.lru_cache(maxsize=None)
+def _rows(strategy: str) -> tuple:
+    """Both ranks' rows of one run of ``strategy`` (once per test process)."""
+    out = Path(tempfile.mkdtemp(prefix=f"lightning-{strategy}-"))
     env = dict(os.environ, OMP_NUM_THREADS="1")
     result = subprocess.run([sys.executable, JOB, strategy, str(out)], capture_output=True, text=True,
                             timeout=240, env=env, cwd=out)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-5000:]
-    return [json.loads((out / f"rank{rank}.json").read_text())["rows"] for rank in (0, 1)]
-
-
-@pytest.fixture(scope="module")
-def runs(tmp_path_factory):
-    return {strategy: _run(strategy, tmp_path_factory.mktemp(strategy)) for strategy in STRATEGIES}
+    return tuple(json.loads((out / f"rank{rank}.json").read_text())["rows"] for rank in (0, 1))
 
 
 @pytest.mark.parametrize("strategy", list(STRATEGIES))
-def test_each_strategy_runs_wrapped_as_named(runs, strategy):
-    assert {row["kind"] for rank_rows in runs[strategy] for row in rank_rows} == {STRATEGIES[strategy]}
-    assert all(len(rank_rows) == 4 for rank_rows in runs[strategy])
-
-
-@pytest.mark.parametrize("strategy", list(STRATEGIES))
-def test_norm_is_the_float64_reference_every_step(runs, strategy):
-    for rank_rows in runs[strategy]:
-        for step, row in enumerate(rank_rows):
-            assert math.isclose(row["ours"], row["expected"], rel_tol=1e-6), (step, row)
-
-
-@pytest.mark.parametrize("strategy", list(STRATEGIES))
-def test_norm_is_identical_on_both_ranks_and_is_what_was_logged(runs, strategy):
-    rank0, rank1 = runs[strategy]
-    assert [r["ours"] for r in rank0] == [r["ours"] for r in rank1]
-    assert all(row["logged"] == row["ours"] for rank_rows in runs[strategy] for row in rank_rows)
-
-
-@pytest.mark.parametrize("strategy", list(STRATEGIES))
-def test_one_collective_per_step(runs, strategy):
-    assert all(row["collectives"] == ["gloo:all_reduce"] for rank_rows in runs[strategy] for row in rank_rows)
+def test_every_step_clips_by_the_reference_norm_logged_identical_on_both_ranks_from_one_collective(strategy):
+    rank0, rank1 = _rows(strategy)
+    assert len(rank0) == len(rank1) == 4
+    assert {row["kind"] for row in rank0 + rank1} == {STRATEGIES[strategy]}, "not wrapped as the strategy says"
+    for step, row in enumerate(rank0 + rank1):
+        assert math.isclose(row["ours"], row["expected"], rel_tol=1e-6), ("not the reference", step, row)
+        assert row["logged"] == row["ours"], ("logged another value", step, row)
+        assert row["collectives"] == ["gloo:all_reduce"], ("not one collective", step, row)
+    assert [r["ours"] for r in rank0] == [r["ours"] for r in rank1], "ranks disagree"
 
 
 @pytest.mark.parametrize("strategy", ["fsdp", "model_parallel"])
-def test_sharded_strategies_give_the_ddp_norm_history(runs, strategy):
-    ddp = [row["ours"] for row in runs["ddp"][0]]
-    sharded = [row["ours"] for row in runs[strategy][0]]
+def test_sharded_strategies_give_the_ddp_norm_history(strategy):
+    ddp = [row["ours"] for row in _rows("ddp")[0]]
+    sharded = [row["ours"] for row in _rows(strategy)[0]]
     assert all(math.isclose(a, b, rel_tol=1e-5) for a, b in zip(ddp, sharded)), (ddp, sharded)
+
+
+def _fit(callback, steps: int):
+    import lightning.pytorch as pl
+    import torch
+    from torch.utils.data import DataLoader, TensorDataset
+
+    sys.path.insert(0, os.path.dirname(JOB))
+    from lightning_job import Model
+
+    data = TensorDataset(torch.randn(64, 16, generator=torch.Generator().manual_seed(5)) * 3)
+    trainer = pl.Trainer(accelerator="cpu", devices=1, max_steps=steps, callbacks=[callback], logger=False,
+                         enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False)
+    trainer.fit(Model(), DataLoader(data, batch_size=8))
+
+
+def test_callback_state_survives_a_checkpoint_before_its_first_step():
+    import distclip
+    from distclip.integrations.lightning import GlobalNormClipping
+
+    first = GlobalNormClipping(distclip.ZClip(warmup_steps=2), skip_spikes=distclip.SpikeSkip(min_history=2))
+    _fit(first, steps=5)
+    saved = first.state_dict()
+    resumed = GlobalNormClipping(distclip.ZClip(warmup_steps=2), skip_spikes=distclip.SpikeSkip(min_history=2))
+    resumed.load_state_dict(saved)
+    assert resumed.state_dict() == saved  # a checkpoint taken before the first step keeps it
+    _fit(resumed, steps=1)
+    assert resumed.clipper.steps == first.clipper.steps + 1

@@ -7,7 +7,6 @@ them.  Each setup clips the same gradients twice: torchtitan's function, then di
 
 from __future__ import annotations
 
-import math
 
 import pytest
 import torch
