@@ -261,6 +261,22 @@ class GradClipper:
         named = nonfinite_location.named_gradients(self.module, self.params)
         return nonfinite_location.locate(named, self.topology)
 
+    @property
+    def _may_skip(self) -> bool:
+        return self.nonfinite == "skip" or self.skip_spikes is not None
+
+    def discard_if_skipped_(self, optimizer: torch.optim.Optimizer, result: ClipResult) -> bool:
+        """After :meth:`clip_`, make ``optimizer``'s next step change nothing when ``result``
+        skips it: its gradients are set to None (optimizers leave such parameters and their
+        state alone).  One host sync, and only when skipping is configured.  Returns whether the
+        step is skipped.  :meth:`attach` does this itself."""
+        if not self._may_skip or not bool(result.skipped):
+            return False
+        for group in optimizer.param_groups:
+            for p in group["params"]:
+                p.grad = None
+        return True
+
     # -- optimizer integration ------------------------------------------------------------
 
     def attach(self, optimizer: torch.optim.Optimizer) -> "_Attachment":
@@ -288,16 +304,10 @@ class GradClipper:
         )
         created: list[str] = []
 
-        may_skip = self.nonfinite == "skip" or self.skip_spikes is not None
-
         def clip_before_step(opt, args, kwargs):
             loss = self._take_observed_loss()
             if not fused:
-                result = self.clip_(loss)
-                if may_skip and bool(result.skipped):
-                    for group in opt.param_groups:
-                        for p in group["params"]:
-                            p.grad = None
+                self.discard_if_skipped_(opt, self.clip_(loss))
                 return None
             loss_scale = getattr(opt, "grad_scale", None)
             with torch.no_grad():
@@ -306,7 +316,7 @@ class GradClipper:
             created.clear()
             created.extend(name for name in ("grad_scale", "found_inf") if getattr(opt, name, None) is None)
             opt.grad_scale = (scale / coef).to(torch.float32)
-            if may_skip:
+            if self._may_skip:
                 found = result.skipped.to(torch.float32)
                 previous = getattr(opt, "found_inf", None)
                 opt.found_inf = found if previous is None else torch.maximum(previous, found.to(previous.device))

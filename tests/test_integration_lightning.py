@@ -88,3 +88,35 @@ def test_callback_state_survives_a_checkpoint_before_its_first_step():
     assert resumed.state_dict() == saved  # a checkpoint taken before the first step keeps it
     _fit(resumed, steps=1)
     assert resumed.clipper.steps == first.clipper.steps + 1
+
+
+def test_a_skipped_step_leaves_the_parameters_as_they_were():
+    import lightning.pytorch as pl
+    import torch
+    from torch.utils.data import DataLoader, TensorDataset
+
+    from distclip.integrations.lightning import GlobalNormClipping
+
+    sys.path.insert(0, os.path.dirname(JOB))
+    from lightning_job import Model
+
+    class NaNAtStep2(Model):
+        def training_step(self, batch, index):
+            loss = super().training_step(batch, index)
+            return loss * float("nan") if self.global_step == 2 else loss
+
+    class Changes(pl.Callback):
+        def on_train_batch_start(self, trainer, pl_module, *_):
+            self.before = [p.detach().clone() for p in pl_module.parameters()]
+
+        def on_train_batch_end(self, trainer, pl_module, *_):
+            changed.append(any(not torch.equal(a, p) for a, p in zip(self.before, pl_module.parameters())))
+
+    changed: list[bool] = []
+    data = TensorDataset(torch.randn(64, 16, generator=torch.Generator().manual_seed(5)) * 3)
+    clipping = GlobalNormClipping(1.0, nonfinite="skip")
+    trainer = pl.Trainer(accelerator="cpu", devices=1, max_steps=4, callbacks=[clipping, Changes()], logger=False,
+                         enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False)
+    trainer.fit(NaNAtStep2(), DataLoader(data, batch_size=8))
+    assert changed == [True, True, False, True], changed
+    assert int(clipping.clipper.state_dict()["skipped_steps"]) == 1

@@ -35,6 +35,10 @@ class GlobalNormClipping(pl.Callback):
         **clipper_kwargs: the other arguments of :class:`distclip.GradClipper`
             (``skip_spikes``, ``nonfinite``, ``replica_group``, ...).
 
+    A skipped step (``skip_spikes``, ``nonfinite="skip"``) reaches the optimizer without
+    gradients, so it changes neither parameters nor optimizer state.  Spikes are judged on the
+    norm: the loss is not known to a callback before the optimizer steps.
+
     ``self.clipper`` is the :class:`distclip.GradClipper`, made at the first step over the
     strategy's wrapped model (so FSDP's flat parameters are attributed to their originals);
     ``self.clipper.last`` is the latest :class:`distclip.ClipResult`.
@@ -60,6 +64,9 @@ class GlobalNormClipping(pl.Callback):
             if self._pending_state:
                 self.clipper.load_state_dict(self._pending_state)
         result = self.clipper.clip_()
+        # Lightning steps the optimizer whatever a callback says: a skipped step must reach it
+        # with no gradients.
+        self.clipper.discard_if_skipped_(optimizer, result)
         if self.log:
             pl_module.log("grad_norm", result.total_norm, on_step=True, on_epoch=False)
             for name, norm in result.group_norms.items():
