@@ -82,7 +82,7 @@ def _copy_group_topology(returned: object, topology: Topology) -> Topology:
 def check_copy_group(ranks: tuple[int, ...], topology: Topology, what: str) -> None:
     """Raise OwnershipError(REPLICA_GROUP_OUTSIDE_GROUP) unless ``ranks`` (a ``replica_group``,
     or the copy group a callable returned) hold this rank and lie within ``group``."""
-    if topology.rank not in ranks or not set(ranks) <= set(topology.group_ranks):
+    if topology.rank not in ranks or not topology.group_set.issuperset(ranks):
         raise OwnershipError(
             Problem.REPLICA_GROUP_OUTSIDE_GROUP,
             f"rank {topology.rank}: {what} {list(ranks)}, group {list(topology.group_ranks)}",

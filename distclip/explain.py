@@ -28,7 +28,8 @@ class GradientExplanation:
 
     ``copies`` are the ranks (this one included) assumed to hold a bitwise copy of the local
     tensor, empty when ``problem`` says why it could not be attributed; ``counted`` is how many
-    of its ``local_numel`` elements this rank counts (FSDP1 padding is never counted).
+    of its ``local_numel`` elements this rank counts (FSDP1 padding is never counted), and
+    ``counted_ranges`` which: ``(start, stop)`` ranges of the flattened local tensor.
     """
 
     name: str
@@ -39,6 +40,7 @@ class GradientExplanation:
     counted: int
     local_numel: int
     problem: str | None = None
+    counted_ranges: tuple[tuple[int, int], ...] = ()
 
     @property
     def layout(self) -> str:
@@ -102,9 +104,9 @@ def explain(
     grads, known, params = _gradients(parameters, topology)
     names = {id(p): name for name, p in parameters.named_parameters()} if isinstance(parameters, nn.Module) else {}
     ownership = plan_ownership(grads, topology, known, params)
-    counted = [0] * len(grads)
+    counted_ranges: list[list[tuple[int, int]]] = [[] for _ in grads]
     for index, start, stop in ownership.owned:
-        counted[index] += stop - start
+        counted_ranges[index].append((start, stop))
     rows = []
     for index, (grad, param, attribution) in enumerate(zip(grads, params, ownership.attributions)):
         local = local_tensor(grad)
@@ -116,9 +118,10 @@ def explain(
                 mesh=grad.device_mesh if isinstance(grad, DTensor) else None,
                 placements=tuple(grad.placements) if isinstance(grad, DTensor) else None,
                 copies=() if failed else attribution.copies,
-                counted=counted[index],
+                counted=sum(stop - start for start, stop in counted_ranges[index]),
                 local_numel=local.numel(),
                 problem=f"{attribution.problem.value} ({attribution.detail})" if failed else None,
+                counted_ranges=tuple(counted_ranges[index]),
             )
         )
     return Explanation(topology.rank, rows)

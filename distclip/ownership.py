@@ -67,7 +67,7 @@ def _parallel_slices(mesh_ranks: list[int], rank_space: list[int]) -> list[list[
 def check_within_group(ranks: Sequence[int], topology: Topology) -> None:
     """Raise OwnershipError if a gradient is sharded or replicated over ranks outside `group`:
     their part of it would never reach the reduction."""
-    outside = sorted(set(ranks) - set(topology.group_ranks))
+    outside = sorted(set(ranks) - topology.group_set)
     if outside:
         raise OwnershipError(
             Problem.MESH_OUTSIDE_GROUP,
@@ -116,16 +116,33 @@ def shard_copy_set(
     return tuple(sorted(copies))
 
 
-# Copy sets per mesh, kept only as long as the mesh lives: a cache that held meshes would also
-# hold their process groups (and each gloo group's threads) for the life of the process.
-_COPY_SETS: "weakref.WeakKeyDictionary[DeviceMesh, dict]" = weakref.WeakKeyDictionary()
+# Copy sets per root mesh, by identity, each dropped when its root is freed: a cache that held
+# meshes would also hold their process groups (and each gloo group's threads) for the life of the
+# process, and a dict keyed by meshes would compare equal meshes rank by rank.
+_COPY_SETS: dict[int, dict] = {}
+
+
+def _copy_sets_of(root: DeviceMesh) -> dict:
+    key = id(root)
+    if key not in _COPY_SETS:
+        _COPY_SETS[key] = {}
+        weakref.finalize(root, _COPY_SETS.pop, key, None)
+    return _COPY_SETS[key]
+
+
+def _mesh_key(mesh: DeviceMesh) -> object:
+    """What tells ``mesh`` apart among the meshes of its root: its layout there.  Not the mesh
+    itself: FSDP2 gives every parameter a mesh object of its own, and comparing two equal meshes
+    compares their rank maps, a cost in the world size for every gradient."""
+    layout = getattr(mesh, "_layout", None)  # torch >= 2.9; older ones compare the mesh
+    return mesh if layout is None else (layout, mesh.mesh_dim_names)
 
 
 def _dtensor_copy_set(
     mesh: DeviceMesh, placements: tuple[Placement, ...], topology: Topology
 ) -> tuple[int, ...]:
-    cached = _COPY_SETS.setdefault(mesh, {})
-    key = (placements, topology)
+    cached = _copy_sets_of(_root_mesh(mesh))
+    key = (_mesh_key(mesh), placements, topology)
     if key not in cached:
         cached[key] = _compute_dtensor_copy_set(mesh, placements, topology)
     return cached[key]
@@ -143,9 +160,13 @@ def _compute_dtensor_copy_set(
         slice(None) if isinstance(p, Replicate) else c for p, c in zip(placements, coordinate)
     )
     positions = torch.arange(len(mesh_ranks)).reshape(mesh.mesh.shape)[same_shard]
-    # Sibling slices line up through the root mesh, or, for a standalone mesh, through `group`.
-    root_ranks = _root_mesh(mesh).mesh.flatten().tolist()
-    rank_space = root_ranks if set(topology.replica_ranks) <= set(root_ranks) else list(topology.group_ranks)
+    replicas = set(topology.replica_ranks)
+    if replicas <= set(mesh_ranks):
+        rank_space = mesh_ranks  # no copies outside the mesh: no sibling slices to line up
+    else:
+        # Sibling slices line up through the root mesh, or, for a standalone mesh, through `group`.
+        root_ranks = _root_mesh(mesh).mesh.flatten().tolist()
+        rank_space = root_ranks if replicas <= set(root_ranks) else list(topology.group_ranks)
     return shard_copy_set(mesh_ranks, positions.flatten().tolist(), rank_space, topology)
 
 

@@ -11,6 +11,7 @@ plain tensors are copied over different groups, a callable giving each parameter
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from functools import cached_property, lru_cache
 from typing import Callable, Union
 
 import torch
@@ -46,6 +47,27 @@ class Topology:
     @property
     def communicates(self) -> bool:
         return self.process_group is not None
+
+    # A Topology keys the planner's caches for every gradient: its hash and rank set are taken
+    # once, not for each gradient at a cost in the world size.
+    @cached_property
+    def _hash(self) -> int:
+        return hash((self.process_group, self.rank, self.group_ranks, self.replica_ranks))
+
+    def __hash__(self) -> int:
+        return self._hash
+
+    @cached_property
+    def group_set(self) -> frozenset[int]:
+        """``group_ranks`` as a set."""
+        return frozenset(self.group_ranks)
+
+
+@lru_cache(maxsize=64)
+def _interned(ranks: tuple[int, ...]) -> tuple[int, ...]:
+    """One tuple object per distinct rank tuple, so that equal Topologies (one per call) compare
+    by identity in the planner's caches instead of rank by rank."""
+    return ranks
 
 
 def is_non_member(group: object) -> bool:
@@ -100,7 +122,7 @@ def resolve_topology(group: GroupLike = None, replica_group: ReplicaGroupLike = 
     process_group = as_process_group(
         group if group is not None else dist.group.WORLD, "group"
     )
-    group_ranks = tuple(dist.get_process_group_ranks(process_group))
+    group_ranks = _interned(tuple(dist.get_process_group_ranks(process_group)))
     if rank not in group_ranks:
         raise ValueError(
             f"distclip: rank {rank} called with a `group` it is not a member of ({list(group_ranks)})"
@@ -114,8 +136,8 @@ def resolve_topology(group: GroupLike = None, replica_group: ReplicaGroupLike = 
     elif replica_group is None:
         replica_ranks = group_ranks
     else:
-        replica_ranks = tuple(
-            dist.get_process_group_ranks(as_process_group(replica_group, "replica_group"))
+        replica_ranks = _interned(
+            tuple(dist.get_process_group_ranks(as_process_group(replica_group, "replica_group")))
         )
     if len(group_ranks) == 1:
         process_group = None
