@@ -32,9 +32,12 @@ def main() -> None:
                  title=f"one process, {local['device']}")
     by_bytes.legend()
 
-    for variant, marker in (("torch foreach", "o-"), ("distclip.clip_grad_norm_", "^-"), ("distclip.GradClipper", "s-")):
-        rows = [r for r in overhead if r["case"] == variant]
-        by_count.plot([r["tensors"] for r in rows], [r["ms"] for r in rows], marker, label=f"1 process: {variant}")
+    for layout, line in (("separate", "-"), ("buffer", ":")):
+        for variant, marker in (("torch foreach", "o"), ("distclip.clip_grad_norm_", "^"), ("distclip.GradClipper", "s")):
+            rows = [r for r in overhead if r["case"] == variant and r.get("layout", "separate") == layout]
+            if rows:
+                by_count.plot([r["tensors"] for r in rows], [r["ms"] for r in rows], marker + line,
+                              label=f"1 process, {layout}: {variant}")
     fsdp = [r for r in distributed["rows"] if r["case"].startswith("3 FSDP2")]
     for variant, marker in (("torch clip + full_tensor()", "o--"), ("distclip.GradClipper", "s--")):
         rows = [r for r in fsdp if r["variant"] == variant]

@@ -20,6 +20,7 @@ from distclip.ownership import Attribution, Ownership, OwnershipError, Problem, 
 from distclip.partials import PNorm, use_foreach
 from distclip.reduction import all_reduce_partials, raise_problems
 from distclip.scaling import scale_grouped_
+from distclip.spans import Runs, find_runs
 from distclip.topology import Topology, reduction_device
 from torch.distributed.tensor import DTensor
 from torch.utils._foreach_utils import _has_foreach_support
@@ -32,13 +33,28 @@ CPU_CHUNK = 1 << 18
 
 @dataclass
 class _Bucket:
-    """Owned pieces of one (device, dtype): whole tensors and flat ranges, by gradient index."""
+    """Owned pieces of one (device, dtype): whole tensors and flat ranges, by gradient index;
+    and, where pieces lie end to end in memory, the same elements as runs (:mod:`distclip.spans`)."""
 
     device: torch.device
     dtype: torch.dtype
     pieces: list[tuple[int, int, int, bool]]  # (grad index, start, stop, whole)
     group_ids: Tensor | None  # per piece, the group it counts towards (on ``device``)
     foreach_supported: bool  # torch's check, made once: the plan fixes the tensors' types
+    runs: Runs | None = None
+    run_pieces: list[tuple[int, int, int, bool]] | None = None  # (run, start, stop, whole run)
+    run_group_ids: Tensor | None = None
+
+
+def _chunked(unit: int, start: int, stop: int, whole: bool, device: torch.device) -> list[tuple[int, int, int, bool]]:
+    """A piece as pieces the norm kernel sums accurately: on the CPU at most CPU_CHUNK elements.
+
+    torch's CPU norm kernels sum each thread's share sequentially in float32: a 38M-element tensor
+    comes out ~3e-3 off.  Chunks keep each sum short; their p-th powers are added in float64.
+    """
+    if device.type == "cpu" and stop - start > CPU_CHUNK:
+        return [(unit, a, min(a + CPU_CHUNK, stop), False) for a in range(start, stop, CPU_CHUNK)]
+    return [(unit, start, stop, whole)]
 
 
 class NormPlan:
@@ -72,30 +88,12 @@ class NormPlan:
         if self.problems:  # the norm will be NaN (or raised): count and check nothing
             ownership = Ownership([], self.problems)
         self.copy_check = CopyCheck(ownership.copy_buckets, local, topology.rank)
-        buckets: dict[tuple[torch.device, torch.dtype], list[tuple[int, int, int, bool]]] = {}
+        owned: dict[tuple[torch.device, torch.dtype], list[tuple[int, int, int]]] = {}
         for index, start, stop in ownership.owned:
-            tensor = local[index]
-            whole = start == 0 and stop == tensor.numel()
-            bucket = buckets.setdefault((tensor.device, tensor.dtype), [])
-            if tensor.device.type == "cpu" and stop - start > CPU_CHUNK:
-                # torch's CPU norm kernels sum each thread's share sequentially in float32: a
-                # 38M-element tensor comes out ~3e-3 off.  Chunks keep each sum short; their
-                # p-th powers are added in float64.
-                bucket.extend((index, a, min(a + CPU_CHUNK, stop), False) for a in range(start, stop, CPU_CHUNK))
-            else:
-                bucket.append((index, start, stop, whole))
+            owned.setdefault((local[index].device, local[index].dtype), []).append((index, start, stop))
         # Gradients in no group count towards a spare slot k, dropped after the reduction.
         slot = [num_groups if g < 0 else g for g in group_of] if group_of is not None else None
-        self.buckets = [
-            _Bucket(
-                device,
-                dtype,
-                pieces,
-                None if slot is None else torch.tensor([slot[p[0]] for p in pieces], device=device),
-                _has_foreach_support([local[p[0]] for p in pieces], device),
-            )
-            for (device, dtype), pieces in buckets.items()
-        ]
+        self.buckets = [self._bucket(device, dtype, segments, local, slot) for (device, dtype), segments in owned.items()]
         owned_slots = {slot[index] for index, _, _ in ownership.owned} if slot is not None else set()
         self.presence = [bool(ownership.owned)] + [g in owned_slots for g in range(num_groups)]
         # Every local gradient is scaled, copies included: one list of indices per (device, dtype).
@@ -106,16 +104,54 @@ class NormPlan:
         self.scale_foreach_supported = [
             _has_foreach_support([local[i] for i in indices], local[indices[0]].device) for indices in self.scale_groups
         ]
+        # Empty gradients need no scaling, so runs leave them out.
+        self.scale_runs = [
+            find_runs([(i, 0, local[i].numel()) for i in indices if local[i].numel()], local) for indices in self.scale_groups
+        ]
+
+    @staticmethod
+    def _bucket(
+        device: torch.device,
+        dtype: torch.dtype,
+        segments: list[tuple[int, int, int]],
+        local: Sequence[Tensor],
+        slot: Sequence[int] | None,
+    ) -> _Bucket:
+        pieces = [
+            piece
+            for index, start, stop in segments
+            for piece in _chunked(index, start, stop, start == 0 and stop == local[index].numel(), device)
+        ]
+        group_ids = None if slot is None else torch.tensor([slot[p[0]] for p in pieces], device=device)
+        bucket = _Bucket(device, dtype, pieces, group_ids, _has_foreach_support([local[p[0]] for p in pieces], device))
+        runs = find_runs(segments, local, None if slot is None else [slot[index] for index, _, _ in segments])
+        if runs is not None:
+            bucket.runs = runs
+            bucket.run_pieces = [
+                piece for r, (_, _, length) in enumerate(runs.runs) for piece in _chunked(r, 0, length, True, device)
+            ]
+            if slot is not None:  # a run's pieces share one group: its first gradient's
+                bucket.run_group_ids = torch.tensor([slot[runs.runs[p[0]][0]] for p in bucket.run_pieces], device=device)
+        return bucket
 
     def local_tensors(self, grads: Sequence[Tensor]) -> list[Tensor]:
         # DTensor._local_tensor instead of to_local(): no autograd function per gradient.
         return [g._local_tensor if d else g for g, d in zip(grads, self.is_dtensor)]
 
-    def _bucket_norms(self, bucket: _Bucket, local: Sequence[Tensor], pnorm: PNorm, foreach: bool | None) -> Tensor:
-        tensors = [
-            local[i] if whole else local[i].reshape(-1)[start:stop]
-            for i, start, stop, whole in bucket.pieces
-        ]
+    def _bucket_norms(
+        self, bucket: _Bucket, local: Sequence[Tensor], pnorm: PNorm, foreach: bool | None
+    ) -> tuple[Tensor, Tensor | None]:
+        """Per-piece norms (float64) of one bucket, and each one's group id."""
+        views = bucket.runs.views(local) if bucket.runs is not None else None
+        if views is not None:
+            tensors = [views[r] if whole else views[r][start:stop] for r, start, stop, whole in bucket.run_pieces]
+            group_ids = bucket.run_group_ids
+        else:
+            tensors = [
+                local[i] if whole else local[i].reshape(-1)[start:stop]
+                for i, start, stop, whole in bucket.pieces
+            ]
+            group_ids = bucket.group_ids
         # p < 0: the sum is ruled by the few smallest elements' huge |x|**p, which float32
         # adds ~1e-3 off over a large tensor (rarely used, so exactness wins over speed here).
         wide = bucket.dtype == torch.float64 or pnorm.p < 0
@@ -124,17 +160,18 @@ class NormPlan:
             norms = torch._foreach_norm(tensors, pnorm.p, dtype=accumulate)
         else:
             norms = [torch.linalg.vector_norm(t, pnorm.p, dtype=accumulate) for t in tensors]
-        return torch.stack(norms).to(torch.float64)
+        return torch.stack(norms).to(torch.float64), group_ids
 
     def partials(self, local: Sequence[Tensor], pnorm: PNorm, foreach: bool | None) -> Tensor:
         """This rank's partials: ``[total, group 0, ..., group k-1]``, float64 on the
         reduction device."""
         totals, per_group = [], []
         for bucket in self.buckets:
-            values = pnorm.powered(self._bucket_norms(bucket, local, pnorm, foreach))
+            norms, group_ids = self._bucket_norms(bucket, local, pnorm, foreach)
+            values = pnorm.powered(norms)
             totals.append(pnorm.combine(values).reshape(1))
             if self.num_groups:
-                per_group.append(pnorm.combine_by_group(values, bucket.group_ids, self.num_groups))
+                per_group.append(pnorm.combine_by_group(values, group_ids, self.num_groups))
         total = pnorm.merge(totals, 1, self.device)
         if not self.num_groups:
             return total
@@ -173,8 +210,12 @@ class NormPlan:
 
     def scale_(self, local: Sequence[Tensor], coefficient: Tensor, foreach: bool | None) -> None:
         """Multiply every local gradient in place by ``coefficient``."""
+        groups = []
+        for indices, runs in zip(self.scale_groups, self.scale_runs):
+            views = runs.views(local) if runs is not None else None
+            groups.append(views if views is not None else [local[i] for i in indices])
         scale_grouped_(
-            [[local[i] for i in indices] for indices in self.scale_groups],
+            groups,
             coefficient,
             foreach,
             self.scale_foreach_supported,
