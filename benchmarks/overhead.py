@@ -18,6 +18,7 @@ import statistics
 import torch
 
 import distclip
+import distclip.plancache
 from timing import interleaved_seconds
 
 
@@ -30,6 +31,8 @@ def main() -> None:
     args = parser.parse_args()
     rows = []
     for layout, count in [(layout, count) for layout in args.layout for count in args.count]:
+        # A process clips one model: no plan from an earlier case (same shapes, other layout).
+        distclip.plancache.clear_plans()
         params = [torch.nn.Parameter(torch.empty(16, 8)) for _ in range(count)]
         buffer = torch.randn(count, 16, 8)
         for i, p in enumerate(params):

@@ -47,14 +47,19 @@ class _Bucket:
 
 
 def _chunked(unit: int, start: int, stop: int, whole: bool, device: torch.device) -> list[tuple[int, int, int, bool]]:
-    """A piece as pieces the norm kernel sums accurately: on the CPU at most CPU_CHUNK elements.
+    """A piece as pieces the norm kernel sums accurately: on the CPU, equal chunks of about
+    CPU_CHUNK elements (at most 1.5 x CPU_CHUNK; a piece under that stays whole).
 
     torch's CPU norm kernels sum each thread's share sequentially in float32: a 38M-element tensor
     comes out ~3e-3 off.  Chunks keep each sum short; their p-th powers are added in float64.
+    Equal chunks rather than CPU_CHUNK and a remainder: an FSDP1 shard of 2.002 x CPU_CHUNK
+    elements is 2 kernels, not 3.
     """
-    if device.type == "cpu" and stop - start > CPU_CHUNK:
-        return [(unit, a, min(a + CPU_CHUNK, stop), False) for a in range(start, stop, CPU_CHUNK)]
-    return [(unit, start, stop, whole)]
+    count = round((stop - start) / CPU_CHUNK) if device.type == "cpu" else 1
+    if count <= 1 or (stop - start) <= CPU_CHUNK * 3 // 2:
+        return [(unit, start, stop, whole)]
+    bounds = [start + (stop - start) * k // count for k in range(count + 1)]
+    return [(unit, a, b, False) for a, b in zip(bounds, bounds[1:])]
 
 
 class NormPlan:
