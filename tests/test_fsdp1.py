@@ -59,26 +59,45 @@ def _reference_grads(strategy, mixed_precision):
         return {n: p.grad.double().clone() for n, p in model.named_parameters() if p.grad is not None}
 
 
-def _fsdp1_against_reference_and_fsdp(strategy, use_orig_params, norm_type, mixed_precision=False):
-    reference = _reference_grads(strategy, mixed_precision)
-    expected = torch.linalg.vector_norm(torch.cat([g.flatten() for g in reference.values()]), norm_type).item()
+def _saved_grads(model):
+    return [p.grad.clone() if p.grad is not None else None for p in model.parameters()]
 
+
+def _restore_grads(model, saved):
+    for p, g in zip(model.parameters(), saved):
+        if g is not None:
+            p.grad.copy_(g)
+
+
+def _fsdp1_against_reference_and_fsdp(strategy, use_orig_params, norm_types, mixed_precision=False):
+    """For each p: distclip's norm against the float64 reference of the full gradients and
+    against FSDP's own method, from one all-reduce; gradients as FSDP's.  The models are wrapped
+    and stepped once; each p starts again from the same saved gradients."""
+    reference = _reference_grads(strategy, mixed_precision)
+    flat_reference = torch.cat([g.flatten() for g in reference.values()])
     ours, theirs = _wrap(strategy, use_orig_params, mixed_precision), _wrap(strategy, use_orig_params, mixed_precision)
     _step(ours)
     _step(theirs)
-    assert_explain_counts_every_element_once(ours, sum(g.numel() for g in reference.values()))
-    max_norm = 0.5 * expected
-    with collectives() as issued:
-        total = distclip.clip_grad_norm_(ours, max_norm, norm_type)
-    assert issued == ["gloo:all_reduce"], issued
-    assert type(total) is torch.Tensor
-    assert_close_norm(total.item(), expected, norm_type)
-    if norm_type in FSDP_CORRECT and not mixed_precision:
-        torch.testing.assert_close(total, theirs.clip_grad_norm_(max_norm, norm_type), rtol=1e-6, atol=0)
-        for a, b in zip(ours.parameters(), theirs.parameters()):
-            if a.grad is not None:
-                torch.testing.assert_close(a.grad, b.grad, rtol=1e-6, atol=1e-8)
-    return total.item().hex()
+    assert_explain_counts_every_element_once(ours, flat_reference.numel())
+    saved = [_saved_grads(ours), _saved_grads(theirs)]
+    norms = {}
+    for norm_type in norm_types:
+        for model, grads in zip((ours, theirs), saved):
+            _restore_grads(model, grads)
+        expected = torch.linalg.vector_norm(flat_reference, norm_type).item()
+        max_norm = 0.5 * expected
+        with collectives() as issued:
+            total = distclip.clip_grad_norm_(ours, max_norm, norm_type)
+        assert issued == ["gloo:all_reduce"], issued
+        assert type(total) is torch.Tensor
+        assert_close_norm(total.item(), expected, norm_type)
+        if norm_type in FSDP_CORRECT and not mixed_precision:
+            torch.testing.assert_close(total, theirs.clip_grad_norm_(max_norm, norm_type), rtol=1e-6, atol=0)
+            for a, b in zip(ours.parameters(), theirs.parameters()):
+                if a.grad is not None:
+                    torch.testing.assert_close(a.grad, b.grad, rtol=1e-6, atol=1e-8)
+        norms[norm_type] = total.item().hex()
+    return norms
 
 
 STRATEGIES = [S.FULL_SHARD, S.SHARD_GRAD_OP, S.NO_SHARD, S.HYBRID_SHARD, S._HYBRID_SHARD_ZERO2]
@@ -87,32 +106,33 @@ STRATEGIES = [S.FULL_SHARD, S.SHARD_GRAD_OP, S.NO_SHARD, S.HYBRID_SHARD, S._HYBR
 @pytest.mark.parametrize("world_size", [2, 4])
 @pytest.mark.parametrize("use_orig_params", [False, True], ids=["flat", "orig"])
 @pytest.mark.parametrize("strategy", STRATEGIES, ids=lambda s: s.name)
-@pytest.mark.parametrize("norm_type", NORM_TYPES)
-def test_fsdp1_norm_is_exact_for_every_strategy(ranks, strategy, use_orig_params, world_size, norm_type):
-    norms = ranks(world_size).run(_fsdp1_against_reference_and_fsdp, strategy, use_orig_params, norm_type)
-    assert len(set(norms)) == 1, norms
+def test_fsdp1_norm_is_exact_for_every_strategy_and_norm_type(ranks, strategy, use_orig_params, world_size):
+    norms = ranks(world_size).run(_fsdp1_against_reference_and_fsdp, strategy, use_orig_params, NORM_TYPES)
+    assert all(n == norms[0] for n in norms), norms
 
 
-@pytest.mark.parametrize("norm_type", [2.0, math.inf, -math.inf, 0.0])
-def test_fsdp1_mixed_precision_gradients(ranks, norm_type):
-    ranks(2).run(_fsdp1_against_reference_and_fsdp, S.FULL_SHARD, False, norm_type, True)
+def test_fsdp1_mixed_precision_gradients(ranks):
+    ranks(2).run(_fsdp1_against_reference_and_fsdp, S.FULL_SHARD, False, [2.0, math.inf, -math.inf, 0.0], True)
 
 
-def _flat_parameters_without_module(strategy, norm_type):
+def _flat_parameters_without_module(strategy, norm_types):
     reference = _reference_grads(strategy, False)
-    expected = torch.linalg.vector_norm(torch.cat([g.flatten() for g in reference.values()]), norm_type).item()
+    flat_reference = torch.cat([g.flatten() for g in reference.values()])
     model = _wrap(strategy, False)
     _step(model)
-    flat = [p for p in model.parameters()]
+    flat = list(model.parameters())
     assert any(getattr(p, "_is_flat_param", False) for p in flat)
-    total = distclip.clip_grad_norm_(model.parameters(), 0.5 * expected, norm_type)
-    assert_close_norm(total.item(), expected, norm_type)
+    saved = _saved_grads(model)
+    for norm_type in norm_types:
+        _restore_grads(model, saved)
+        expected = torch.linalg.vector_norm(flat_reference, norm_type).item()
+        total = distclip.clip_grad_norm_(flat, 0.5 * expected, norm_type)
+        assert_close_norm(total.item(), expected, norm_type)
 
 
 @pytest.mark.parametrize("strategy", STRATEGIES, ids=lambda s: s.name)
-@pytest.mark.parametrize("norm_type", [2.0, -math.inf, 0.0])
-def test_fsdp1_flat_parameters_alone_give_the_exact_norm(ranks, strategy, norm_type):
-    ranks(4).run(_flat_parameters_without_module, strategy, norm_type)
+def test_fsdp1_flat_parameters_alone_give_the_exact_norm(ranks, strategy):
+    ranks(4).run(_flat_parameters_without_module, strategy, [2.0, -math.inf, 0.0])
 
 
 def _mixed_dtype_units():

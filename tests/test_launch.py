@@ -25,21 +25,29 @@ def _history(out: Path, key="grad_norm"):
     return [json.loads(line)[key] for line in (out / "metrics.jsonl").read_text().splitlines()]
 
 
-@pytest.fixture(scope="module")
-def ddp_history(tmp_path_factory):
-    out = tmp_path_factory.mktemp("ddp")
-    result = _torchrun(2, *TINY, "--out", str(out), cwd=out)
-    assert result.returncode == 0, result.stderr[-3000:]
-    return _history(out)
+def _train(nproc, *args):
+    """``make`` for ``once``: a run of train.py with ``args`` in the given directory."""
+
+    def make(out: Path) -> str:
+        result = _torchrun(nproc, *args, "--out", str(out), cwd=out)
+        assert result.returncode == 0, result.stderr[-3000:]
+        return str(out)
+
+    return make
+
+
+# The runs that several tests check run once per test session, whichever xdist worker asks first.
 
 
 @pytest.fixture(scope="module")
-def fsdp2_run(tmp_path_factory):
+def ddp_history(once):
+    return _history(Path(once("train-ddp", _train(2, *TINY))))
+
+
+@pytest.fixture(scope="module")
+def fsdp2_run(once):
     """An FSDP2 run that also checkpoints at step 2: the agreement and the resume test share it."""
-    out = tmp_path_factory.mktemp("fsdp2")
-    result = _torchrun(2, *TINY, "--parallel", "fsdp2", "--save-every", "2", "--out", str(out), cwd=out)
-    assert result.returncode == 0, result.stderr[-3000:]
-    return out
+    return Path(once("train-fsdp2", _train(2, *TINY, "--parallel", "fsdp2", "--save-every", "2")))
 
 
 @pytest.mark.parametrize("parallel", ["fsdp2", "hsdp", "fsdp2+tp", "pp", "fsdp1"])
@@ -74,13 +82,10 @@ SPIKY = [*TINY[:-1], "--steps", "32", "--clip", "autoclip", "--skip-spikes", "--
 
 
 @pytest.fixture(scope="module")
-def spiky_run(tmp_path_factory):
+def spiky_run(once):
     """AutoClip (warm-up 25) with spike skipping (min_history 20) and a spike injected at 30,
     checkpointed at 28."""
-    out = tmp_path_factory.mktemp("spiky")
-    result = _torchrun(2, *SPIKY, "--save-every", "28", "--out", str(out), cwd=out)
-    assert result.returncode == 0, result.stderr[-3000:]
-    return out
+    return Path(once("train-spiky", _train(2, *SPIKY, "--save-every", "28")))
 
 
 def test_injected_spike_is_skipped_and_the_threshold_adapts(spiky_run):
