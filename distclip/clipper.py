@@ -13,6 +13,7 @@ may ride the same all-reduce to come back as the global mean.
 from __future__ import annotations
 
 import collections
+import warnings
 from dataclasses import dataclass, field
 from typing import Iterable, Mapping, Union
 
@@ -23,6 +24,7 @@ from torch.utils.hooks import RemovableHandle
 
 from distclip import fsdp1, nonfinite as nonfinite_location
 from distclip.clip_grad import _gradients
+from distclip.overlap import BackwardPartials
 from distclip.partials import PNorm
 from distclip.plan import NormPlan
 from distclip.policies import SpikeSkip, ThresholdPolicy
@@ -76,6 +78,9 @@ class GradClipper:
             and an attached optimizer's step is a no-op).
         foreach: as in torch.
         history: how many past total norms to keep (in ``state_dict``).
+        overlap: take each gradient's partial during backward, as soon as it is written
+            (:mod:`distclip.overlap`: FSDP2 and gradients final when autograd writes them; DDP
+            and FSDP1 take the normal pass).  The result is the same either way.
     """
 
     def __init__(
@@ -91,6 +96,7 @@ class GradClipper:
         nonfinite: str = "propagate",
         foreach: bool | None = None,
         history: int = 1000,
+        overlap: bool = False,
     ) -> None:
         if nonfinite not in NONFINITE_POLICIES:
             raise ValueError(f"distclip: nonfinite must be one of {NONFINITE_POLICIES}, got {nonfinite!r}")
@@ -116,6 +122,12 @@ class GradClipper:
 
         self._plan: NormPlan | None = None
         self._plan_key: object = None
+        self._param_index_of_grad: list[int] = []
+        self.backward_partials: BackwardPartials | None = None
+        if overlap and self._fsdp1:
+            warnings.warn("distclip: overlap=True has no effect on FSDP1 models (FSDP1 runs no gradient hooks)")
+        elif overlap:
+            self.backward_partials = BackwardPartials(self.params, self.pnorm, foreach)
         self.steps = 0
         self._clipped_steps = torch.zeros((), dtype=torch.int64)
         self._nonfinite_steps = torch.zeros((), dtype=torch.int64)
@@ -175,6 +187,8 @@ class GradClipper:
                 _, known, keys = _gradients([p for p in self.params if p.grad is not None], self.topology)
             self._plan = NormPlan(grads, self.topology, known, group_of, len(self.group_names), keys)
             self._plan_key = key
+            if not self._fsdp1:
+                self._param_index_of_grad = [i for i, p in enumerate(self.params) if p.grad is not None]
         return grads, self._plan
 
     def _norms(
@@ -184,10 +198,14 @@ class GradClipper:
         gradients: one all-reduce carries the norms and the loss."""
         grads, plan = self._current()
         local = plan.local_tensors(grads)
+        partials = None
+        if self.backward_partials is not None:
+            partials = self.backward_partials.take(plan, local, self._param_index_of_grad)
+            self.backward_partials.use_plan(plan, self._param_index_of_grad)
         loss_terms, problems = _loss_terms(loss, plan.device)
         # With GradScaler's scale still in the gradients, the norm is divided by it.
         norms, invalid, loss_sums = plan.global_norms(
-            local, self.pnorm, self.foreach, divide_by=loss_scale, extra=loss_terms, problems=problems
+            local, self.pnorm, self.foreach, divide_by=loss_scale, extra=loss_terms, problems=problems, partials=partials
         )
         total = norms[0]
         nonfinite = total.isnan() | total.isinf()
@@ -369,6 +387,8 @@ class GradClipper:
         if self.skip_spikes is not None:
             self.skip_spikes.load_state_dict(state["skip_spikes"])
         self.pnorm = PNorm.parse(state["norm_type"])
+        if self.backward_partials is not None:
+            self.backward_partials.set_norm_type(self.pnorm)
         self.nonfinite = state["nonfinite"]
         self.steps = int(state["steps"])
         self._clipped_steps.fill_(int(state["clipped_steps"]))

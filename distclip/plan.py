@@ -99,6 +99,14 @@ class NormPlan:
         # Gradients in no group count towards a spare slot k, dropped after the reduction.
         slot = [num_groups if g < 0 else g for g in group_of] if group_of is not None else None
         self.buckets = [self._bucket(device, dtype, segments, local, slot) for (device, dtype), segments in owned.items()]
+        # The same ranges per gradient, for partials taken one gradient at a time (distclip.overlap).
+        self.owned_ranges: dict[int, list[tuple[int, int]]] = {}
+        for index, start, stop in ownership.owned:
+            self.owned_ranges.setdefault(index, []).append((start, stop))
+        self.owned_indices = list(self.owned_ranges)
+        self.owned_slots = (
+            None if slot is None else torch.tensor([slot[i] for i in self.owned_indices], device=self.device)
+        )
         owned_slots = {slot[index] for index, _, _ in ownership.owned} if slot is not None else set()
         self.presence = [bool(ownership.owned)] + [g in owned_slots for g in range(num_groups)]
         # Every local gradient is scaled, copies included: one list of indices per (device, dtype).
@@ -157,15 +165,32 @@ class NormPlan:
                 for i, start, stop, whole in bucket.pieces
             ]
             group_ids = bucket.group_ids
-        # p < 0: the sum is ruled by the few smallest elements' huge |x|**p, which float32
-        # adds ~1e-3 off over a large tensor (rarely used, so exactness wins over speed here).
-        wide = bucket.dtype == torch.float64 or pnorm.p < 0
-        accumulate = torch.float64 if wide else torch.float32
-        if use_foreach(foreach, tensors, bucket.device, bucket.foreach_supported):
-            norms = torch._foreach_norm(tensors, pnorm.p, dtype=accumulate)
-        else:
-            norms = [torch.linalg.vector_norm(t, pnorm.p, dtype=accumulate) for t in tensors]
-        return torch.stack(norms).to(torch.float64), group_ids
+        return _piece_norms(tensors, bucket.dtype, bucket.device, pnorm, foreach, bucket.foreach_supported), group_ids
+
+    def gradient_partial(self, index: int, tensor: Tensor, pnorm: PNorm, foreach: bool | None) -> Tensor:
+        """The partial of gradient ``index`` alone (its local tensor ``tensor``): its owned
+        elements' powered norms combined, float64, 0-dim, on the reduction device.
+        :meth:`partials_from_gradients` combines these as :meth:`partials` combines buckets."""
+        numel = tensor.numel()
+        pieces = [
+            piece
+            for start, stop in self.owned_ranges[index]
+            for piece in _chunked(index, start, stop, start == 0 and stop == numel, tensor.device)
+        ]
+        tensors = [tensor if whole else tensor.reshape(-1)[start:stop] for _, start, stop, whole in pieces]
+        norms = _piece_norms(tensors, tensor.dtype, tensor.device, pnorm, foreach)
+        return pnorm.combine(pnorm.powered(norms)).to(self.device)
+
+    def partials_from_gradients(self, values: Sequence[Tensor], pnorm: PNorm) -> Tensor:
+        """:meth:`partials` from :meth:`gradient_partial` of every gradient in
+        ``owned_indices``, in that order."""
+        if not values:
+            return pnorm.merge([], 1 + self.num_groups, self.device)
+        stacked = torch.stack(list(values))
+        total = pnorm.combine(stacked).reshape(1)
+        if not self.num_groups:
+            return total
+        return torch.cat([total, pnorm.combine_by_group(stacked, self.owned_slots, self.num_groups)])
 
     def partials(self, local: Sequence[Tensor], pnorm: PNorm, foreach: bool | None) -> Tensor:
         """This rank's partials: ``[total, group 0, ..., group k-1]``, float64 on the
@@ -190,16 +215,18 @@ class NormPlan:
         divide_by: Tensor | None = None,
         extra: Tensor | None = None,
         problems: Mapping[Problem, str] | None = None,
+        partials: Tensor | None = None,
     ) -> tuple[Tensor, Tensor, Tensor | None]:
         """Partials and the copy check -> the one all-reduce -> ``(norms, invalid, extra)``: the
         k norms ``[total, groups]`` in the output dtype on the output device (divided by
         ``divide_by`` first, in float64: GradScaler's scale), True where a rank reported a
         problem or the copies assumed differ, and the float64 vector ``extra`` summed over the
         group (None when not given).  Problems (the plan's, and ``problems`` the caller found in
-        this step's other input) are raised on every rank that knows of them."""
+        this step's other input) are raised on every rank that knows of them.  ``partials``:
+        this rank's partials when already taken (:mod:`distclip.overlap`)."""
         problems = {**self.problems, **problems} if problems else self.problems
         reduced = all_reduce_partials(
-            self.partials(local, pnorm, foreach),
+            self.partials(local, pnorm, foreach) if partials is None else partials,
             self.presence,
             problems,
             pnorm,
@@ -225,3 +252,23 @@ class NormPlan:
             foreach,
             self.scale_foreach_supported,
         )
+
+
+def _piece_norms(
+    tensors: Sequence[Tensor],
+    dtype: torch.dtype,
+    device: torch.device,
+    pnorm: PNorm,
+    foreach: bool | None,
+    foreach_supported: bool | None = None,
+) -> Tensor:
+    """The norms of ``tensors`` (all of ``dtype`` on ``device``) as one float64 vector."""
+    # p < 0: the sum is ruled by the few smallest elements' huge |x|**p, which float32
+    # adds ~1e-3 off over a large tensor (rarely used, so exactness wins over speed here).
+    wide = dtype == torch.float64 or pnorm.p < 0
+    accumulate = torch.float64 if wide else torch.float32
+    if use_foreach(foreach, list(tensors), device, foreach_supported):
+        norms = torch._foreach_norm(tensors, pnorm.p, dtype=accumulate)
+    else:
+        norms = [torch.linalg.vector_norm(t, pnorm.p, dtype=accumulate) for t in tensors]
+    return torch.stack(norms).to(torch.float64)

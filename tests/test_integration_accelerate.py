@@ -44,8 +44,9 @@ def _launch(*flags: str, tmp_path) -> list[dict]:
 
 
 @pytest.fixture(scope="module")
-def ddp_results(tmp_path_factory):
-    return _launch("--multi_gpu", tmp_path=tmp_path_factory.mktemp("accelerate"))
+def ddp_results(once):
+    # Once per test session, whichever xdist worker asks first.
+    return once("accelerate-ddp", lambda out: _launch("--multi_gpu", tmp_path=out))
 
 
 def test_the_launch_is_two_ddp_processes(ddp_results):

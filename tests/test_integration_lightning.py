@@ -14,13 +14,11 @@ FSDP (``device_id=cpu``) in ``configure_model``, after which the strategy leaves
 
 from __future__ import annotations
 
-import functools
 import json
 import math
 import os
 import subprocess
 import sys
-import tempfile
 from pathlib import Path
 
 import pytest
@@ -32,20 +30,28 @@ JOB = os.path.join(os.path.dirname(os.path.abspath(__file__)), "lightning_job.py
 STRATEGIES = {"ddp": "Linear", "fsdp": "FullyShardedDataParallel", "model_parallel": "FSDPLinear", "fabric": "fabric"}
 
 
-@functools.lru_cache(maxsize=None)
-def _rows(strategy: str) -> tuple:
-    """Both ranks' rows of one run of ``strategy`` (once per test process)."""
-    out = Path(tempfile.mkdtemp(prefix=f"lightning-{strategy}-"))
-    env = dict(os.environ, OMP_NUM_THREADS="1")
-    result = subprocess.run([sys.executable, JOB, strategy, str(out)], capture_output=True, text=True,
-                            timeout=240, env=env, cwd=out)
-    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-5000:]
-    return tuple(json.loads((out / f"rank{rank}.json").read_text())["rows"] for rank in (0, 1))
+def _run(strategy: str):
+    """``make`` for ``once``: both ranks' rows of one run of ``strategy``."""
+
+    def make(out: Path) -> list:
+        env = dict(os.environ, OMP_NUM_THREADS="1")
+        result = subprocess.run([sys.executable, JOB, strategy, str(out)], capture_output=True, text=True,
+                                timeout=240, env=env, cwd=out)
+        assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-5000:]
+        return [json.loads((out / f"rank{rank}.json").read_text())["rows"] for rank in (0, 1)]
+
+    return make
+
+
+@pytest.fixture
+def rows(once):
+    """``rows(strategy)``: both ranks' rows of the run of ``strategy`` (once per test session)."""
+    return lambda strategy: once(f"lightning-{strategy}", _run(strategy))
 
 
 @pytest.mark.parametrize("strategy", list(STRATEGIES))
-def test_every_step_clips_by_the_reference_norm_logged_identical_on_both_ranks_from_one_collective(strategy):
-    rank0, rank1 = _rows(strategy)
+def test_every_step_clips_by_the_reference_norm_logged_identical_on_both_ranks_from_one_collective(strategy, rows):
+    rank0, rank1 = rows(strategy)
     assert len(rank0) == len(rank1) == 4
     assert {row["kind"] for row in rank0 + rank1} == {STRATEGIES[strategy]}, "not wrapped as the strategy says"
     for step, row in enumerate(rank0 + rank1):
@@ -56,9 +62,9 @@ def test_every_step_clips_by_the_reference_norm_logged_identical_on_both_ranks_f
 
 
 @pytest.mark.parametrize("strategy", ["fsdp", "model_parallel"])
-def test_sharded_strategies_give_the_ddp_norm_history(strategy):
-    ddp = [row["ours"] for row in _rows("ddp")[0]]
-    sharded = [row["ours"] for row in _rows(strategy)[0]]
+def test_sharded_strategies_give_the_ddp_norm_history(strategy, rows):
+    ddp = [row["ours"] for row in rows("ddp")[0]]
+    sharded = [row["ours"] for row in rows(strategy)[0]]
     assert all(math.isclose(a, b, rel_tol=1e-5) for a, b in zip(ddp, sharded)), (ddp, sharded)
 
 

@@ -137,7 +137,7 @@ def _fsdp1_units_rewrapped():
     # Each call wraps new FSDP1 units; the NO_SHARD flat gradients are whole copies, the
     # FULL_SHARD ones distinct halves (their attributions are part of the key).
     strategies = [ShardingStrategy.FULL_SHARD, ShardingStrategy.NO_SHARD, ShardingStrategy.FULL_SHARD]
-    return [_fsdp1_against_reference_and_fsdp(strategy, False, 2.0) for strategy in strategies]
+    return [_fsdp1_against_reference_and_fsdp(strategy, False, [2.0]) for strategy in strategies]
 
 
 def test_fsdp1_units_rewrapped_between_calls_each_give_the_exact_norm(ranks):

@@ -22,7 +22,7 @@ SNIPPETS = {name: (int(n), code) for n, name, code in SNIPPET.findall(README.rea
 
 def test_readme_has_a_snippet_per_parallelism():
     assert {"ddp.py", "fsdp2.py", "hsdp.py", "fsdp_tp.py", "pipeline.py", "experts.py", "fsdp1.py", "offload.py", "copies.py", "megatron.py",
-            "zclip.py", "autoclip.py", "spikes.py"} <= set(SNIPPETS)
+            "zclip.py", "autoclip.py", "spikes.py", "overlap.py"} <= set(SNIPPETS)
 
 
 def test_readme_has_a_snippet_per_integration():

@@ -1,0 +1,176 @@
+"""GradClipper(overlap=True): partials taken during backward give the normal pass's norm, are
+used only for gradients provably unchanged since, and the step falls back otherwise.
+
+Every step is checked against the float64 reference of the full gradients; ``steps_used``
+(every partial came from backward) and ``steps_fallen_back`` say which path the step took."""
+
+from __future__ import annotations
+
+import math
+import warnings
+
+import pytest
+import torch
+import torch.distributed as dist
+from torch.distributed.device_mesh import init_device_mesh
+from torch.distributed.fsdp import fully_shard
+
+import distclip
+from models import backward, batch, build, local, shard_layers, wrap
+from reference import NoHostSync, assert_close_norm, collectives, full_grads, named_param_grads, reference_norm
+
+NORM_TYPES = [2.0, 1.0, math.inf, -math.inf, 0.0]
+
+
+def _reference(model, norm_type) -> float:
+    return reference_norm(full_grads(named_param_grads(model.named_parameters())), norm_type)
+
+
+def _steps(model, clipper, norm_type, steps=3, micro_batches=1, sync=None):
+    """``steps`` training steps of ``micro_batches`` backward passes each; every clip checked
+    against the reference.  ``sync(model, flag)`` turns gradient synchronisation on or off."""
+    norms = []
+    for step in range(steps):
+        model.zero_grad(set_to_none=True)
+        for micro in range(micro_batches):
+            if sync is not None:
+                sync(model, micro == micro_batches - 1)
+            backward(model, batch(dist.get_rank() if dist.is_initialized() else 0, seed=100 * step + micro))
+        expected = _reference(model, norm_type) if dist.is_initialized() else None
+        with collectives() as issued:
+            result = clipper.clip_()
+        if expected is not None:
+            assert_close_norm(result.total_norm.item(), expected, norm_type, rtol=1e-6)
+            assert issued == ["gloo:all_reduce"], issued
+        norms.append(result.total_norm.item().hex())
+    return norms
+
+
+@pytest.mark.parametrize("norm_type", NORM_TYPES)
+def test_partials_from_backward_give_the_normal_pass_norm_and_gradients(norm_type):
+    ours, theirs = build(), build()
+    overlapped = distclip.GradClipper(ours, max_norm=0.05, norm_type=norm_type, overlap=True)
+    normal = distclip.GradClipper(theirs, max_norm=0.05, norm_type=norm_type)
+    for step in range(3):
+        for model in (ours, theirs):
+            model.zero_grad(set_to_none=True)
+            backward(model, batch(0, seed=step))
+        expected = reference_norm({n: p.grad.double() for n, p in ours.named_parameters()}, norm_type)
+        result = overlapped.clip_()
+        assert_close_norm(result.total_norm.item(), expected, norm_type, rtol=1e-6)
+        torch.testing.assert_close(result.total_norm, normal.clip_().total_norm, rtol=1e-6, atol=0)
+        for a, b in zip(ours.parameters(), theirs.parameters()):
+            torch.testing.assert_close(a.grad, b.grad, rtol=1e-6, atol=0)
+    # The first backward had no plan to take partials under; the two after it had.
+    assert overlapped.backward_partials.steps_used == 2
+    assert overlapped.backward_partials.steps_fallen_back == 0
+
+
+def test_a_gradient_edited_after_backward_is_normed_as_edited():
+    model = build()
+    clipper = distclip.GradClipper(model, max_norm=1e9, overlap=True)
+    for step in range(2):
+        model.zero_grad(set_to_none=True)
+        backward(model, batch(0, seed=step))
+        if step == 1:
+            model.layers[0].weight.grad.mul_(3.0)  # after its partial was taken
+        expected = reference_norm({n: p.grad.double() for n, p in model.named_parameters()}, 2.0)
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            result = clipper.clip_()
+        assert_close_norm(result.total_norm.item(), expected, 2.0, rtol=1e-6)
+    assert clipper.backward_partials.steps_fallen_back == 1
+    assert [str(w.message) for w in caught if "overlap" in str(w.message)], "no warning for the fallback"
+
+
+def test_accumulated_micro_batches_use_the_partial_of_the_final_gradient():
+    model = build()
+    clipper = distclip.GradClipper(model, max_norm=1e9, overlap=True)
+    for step in range(3):
+        model.zero_grad(set_to_none=True)
+        for micro in range(3):  # the hook runs after each accumulation; the last one is final
+            backward(model, batch(0, seed=10 * step + micro))
+        expected = reference_norm({n: p.grad.double() for n, p in model.named_parameters()}, 2.0)
+        assert_close_norm(clipper.clip_().total_norm.item(), expected, 2.0, rtol=1e-6)
+    assert clipper.backward_partials.steps_used == 2
+
+
+def _fsdp2_overlap(mesh_shape, norm_type, micro_batches):
+    model = build()
+    names = ("shard",) if len(mesh_shape) == 1 else ("replicate", "shard")  # 2-D: HSDP
+    shard_layers(model, init_device_mesh("cpu", mesh_shape, mesh_dim_names=names))
+    clipper = distclip.GradClipper(model, max_norm=0.05, norm_type=norm_type, overlap=True)
+    sync = (lambda m, flag: m.set_requires_gradient_sync(flag)) if micro_batches > 1 else None
+    norms = _steps(model, clipper, norm_type, micro_batches=micro_batches, sync=sync)
+    assert clipper.backward_partials.steps_used == 2, "FSDP2's gradients were not taken during backward"
+    assert clipper.backward_partials.steps_fallen_back == 0
+    return norms
+
+
+@pytest.mark.parametrize("norm_type", [2.0, math.inf, -math.inf, 0.0])
+@pytest.mark.parametrize("mesh_shape,world_size", [((2,), 2), ((2, 2), 4)], ids=["fsdp2", "hsdp"])
+def test_fsdp2_gradients_are_taken_during_backward_exactly(ranks, mesh_shape, world_size, norm_type):
+    per_rank = ranks(world_size).run(_fsdp2_overlap, mesh_shape, norm_type, 1)
+    assert all(norms == per_rank[0] for norms in per_rank)
+
+
+def test_fsdp2_gradient_accumulation_counts_only_the_synchronised_micro_batch(ranks):
+    per_rank = ranks(2).run(_fsdp2_overlap, (2,), 2.0, 3)
+    assert per_rank[0] == per_rank[1]
+
+
+def _ddp_falls_back():
+    model = wrap(build(), "ddp")
+    clipper = distclip.GradClipper(model, max_norm=0.05, overlap=True)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        norms = _steps(model, clipper, 2.0)
+    assert clipper.backward_partials.steps_used == 0
+    assert clipper.backward_partials.steps_fallen_back == 2
+    assert len([w for w in caught if "overlap=True" in str(w.message)]) == 1, [str(w.message) for w in caught]
+    return norms
+
+
+def test_ddp_steps_take_the_normal_pass_exactly_with_one_warning(ranks):
+    per_rank = ranks(2).run(_ddp_falls_back)
+    assert per_rank[0] == per_rank[1]
+
+
+def _fsdp2_overlap_without_host_sync():
+    model = wrap(build(), "fsdp2")
+    clipper = distclip.GradClipper(model, max_norm=0.05, overlap=True)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    for _ in range(3):
+        model.zero_grad(set_to_none=True)
+        backward(model, batch(dist.get_rank()))
+        with NoHostSync():
+            clipper.clip_()
+    with NoHostSync():  # backward too: the hooks run inside it
+        model.zero_grad(set_to_none=True)
+        backward(model, batch(dist.get_rank()))
+        result = clipper.clip_()
+    optimizer.step()
+    assert clipper.backward_partials.steps_used == 3
+    return result.total_norm.item().hex()
+
+
+def test_overlap_never_waits_for_the_device(ranks):
+    per_rank = ranks(2).run(_fsdp2_overlap_without_host_sync)
+    assert per_rank[0] == per_rank[1]
+
+
+def test_fsdp1_models_get_a_warning_and_the_normal_pass(ranks):
+    ranks(2).run(_fsdp1_overlap_warns)
+
+
+def _fsdp1_overlap_warns():
+    from torch.distributed.fsdp import FullyShardedDataParallel as FSDP
+
+    model = FSDP(build(), device_id=torch.device("cpu"), use_orig_params=True)
+    with pytest.warns(UserWarning, match="no effect on FSDP1"):
+        clipper = distclip.GradClipper(model, max_norm=1e9, overlap=True)
+    backward(model, batch(dist.get_rank()))
+    with FSDP.summon_full_params(model, with_grads=True):
+        expected = reference_norm({n: p.grad.double().clone() for n, p in model.named_parameters()}, 2.0)
+    assert_close_norm(clipper.clip_().total_norm.item(), expected, 2.0, rtol=1e-6)
+    assert clipper.backward_partials is None
