@@ -4,16 +4,20 @@
 
 One training step = forward + backward + clip + fused AdamW step, on a stack of ``--layers``
 ``Linear(--width, --width)`` + tanh blocks, as plain parameters (world 1: each rank alone, no
-communication) and as FSDP2 (``fully_shard`` per block, over the world).  Variants, each on its
+communication), as DDP (``gradient_as_bucket_view=True``) and as FSDP2 (``fully_shard`` per
+block), over the world.  Variants, each on its
 own copy of the model and optimizer, run interleaved round by round (median of ``--rounds``):
 
 * torch: ``torch.nn.utils.clip_grad_norm_(foreach=True)`` then ``optimizer.step()``
   (FSDP2: torch's clip over the DTensor gradients, its norm a DTensor reduced by DTensor);
-* GradClipper: ``clip_()`` then the step;
-* GradClipper overlap: the same with ``overlap=True``.
+* clip_: ``GradClipper.clip_()`` then the step; ``clip_ overlap``: the same with ``overlap=True``;
+* attached: ``GradClipper.attach(optimizer)``, the clip inside the step (plain parameters: the
+  coefficient goes into the fused kernel's ``grad_scale``, no pass over the gradients; FSDP2's
+  DTensor parameters: clip_ inside the step); ``attached overlap``: the same with ``overlap=True``.
 
-Reported per variant: the whole step, and the step boundary (clip alone: from the end of
-backward to the coefficient applied), on rank 0, each call after a barrier.
+Reported per variant: the whole step, and the step boundary (end of backward to the end of the
+optimizer step: what the norm pass under backward is meant to shrink), on rank 0, each step
+after a barrier.
 """
 
 from __future__ import annotations
@@ -30,6 +34,7 @@ import torch.distributed as dist
 from torch import nn
 from torch.distributed.device_mesh import init_device_mesh
 from torch.distributed.fsdp import fully_shard
+from torch.nn.parallel import DistributedDataParallel as DDP
 
 import distclip
 
@@ -39,29 +44,38 @@ def blocks(layers: int, width: int) -> nn.Module:
     return nn.Sequential(*(nn.Sequential(nn.Linear(width, width), nn.Tanh()) for _ in range(layers)))
 
 
-def variants(model: nn.Module, sharded: bool, alone: dist.ProcessGroup) -> dict[str, tuple[nn.Module, torch.optim.Optimizer, object]]:
+VARIANTS = ("torch", "clip_", "clip_ overlap", "attached", "attached overlap")
+
+
+def variants(model: nn.Module, wrapping: str, alone: dist.ProcessGroup) -> dict:
     out = {}
-    for name in ("torch", "GradClipper", "GradClipper overlap"):
+    for name in VARIANTS:
         m = copy.deepcopy(model)
-        if sharded:
+        if wrapping == "fsdp2":
             mesh = init_device_mesh("cpu", (dist.get_world_size(),))
             for block in m:
                 fully_shard(block, mesh=mesh)
             fully_shard(m, mesh=mesh)
+        elif wrapping == "ddp":
+            m = DDP(m, gradient_as_bucket_view=True)
         optimizer = torch.optim.AdamW(m.parameters(), lr=1e-6, fused=True)
+        clip = None
         if name == "torch":
             clip = lambda m=m: torch.nn.utils.clip_grad_norm_(m.parameters(), 1.0, foreach=True)
         else:
             clipper = distclip.GradClipper(m, max_norm=1.0, overlap=name.endswith("overlap"),
-                                           group=None if sharded else alone)
-            clip = clipper.clip_
+                                           group=alone if wrapping == "plain" else None)
+            if name.startswith("attached"):
+                clipper.attach(optimizer)
+            else:
+                clip = clipper.clip_
         out[name] = (m, optimizer, clip)
     return out
 
 
-def measure(case: str, model: nn.Module, sharded: bool, batch: torch.Tensor, rounds: int, rows: list,
+def measure(case: str, model: nn.Module, wrapping: str, batch: torch.Tensor, rounds: int, rows: list,
             alone: dist.ProcessGroup) -> None:
-    setups = variants(model, sharded, alone)
+    setups = variants(model, wrapping, alone)
     step_times = {name: [] for name in setups}
     clip_times = {name: [] for name in setups}
     for round_ in range(rounds + 2):
@@ -70,19 +84,19 @@ def measure(case: str, model: nn.Module, sharded: bool, batch: torch.Tensor, rou
             start = time.perf_counter()
             m(batch).square().mean().backward()
             backward_done = time.perf_counter()
-            clip()
-            clip_done = time.perf_counter()
+            if clip is not None:
+                clip()
             optimizer.step()
-            optimizer.zero_grad(set_to_none=True)
             end = time.perf_counter()
+            optimizer.zero_grad(set_to_none=True)
             if round_ >= 2:  # warm-up: plans, and overlap's first step has no plan yet
                 step_times[name].append(end - start)
-                clip_times[name].append(clip_done - backward_done)
+                clip_times[name].append(end - backward_done)
     torch_step, torch_clip = statistics.median(step_times["torch"]), statistics.median(clip_times["torch"])
     for name in setups:
         step, clip = statistics.median(step_times[name]), statistics.median(clip_times[name])
-        rows.append({"case": case, "variant": name, "step_ms": step * 1e3, "clip_ms": clip * 1e3,
-                     "step_vs_torch": step / torch_step, "clip_vs_torch": clip / torch_clip})
+        rows.append({"case": case, "variant": name, "step_ms": step * 1e3, "boundary_ms": clip * 1e3,
+                     "step_vs_torch": step / torch_step, "boundary_vs_torch": clip / torch_clip})
 
 
 def main() -> None:
@@ -100,14 +114,16 @@ def main() -> None:
     rows: list[dict] = []
     label = f"{args.layers} x Linear({args.width}, {args.width})"
     alone, _ = dist.new_subgroups(group_size=1)  # the plain case: each rank a one-rank group
-    measure(f"plain, one rank ({label})", model, False, batch, args.rounds, rows, alone)
-    measure(f"FSDP2 world {dist.get_world_size()} ({label})", model, True, batch, args.rounds, rows, alone)
+    world = dist.get_world_size()
+    measure(f"plain, one rank ({label})", model, "plain", batch, args.rounds, rows, alone)
+    measure(f"DDP bucket views, world {world} ({label})", model, "ddp", batch, args.rounds, rows, alone)
+    measure(f"FSDP2 world {world} ({label})", model, "fsdp2", batch, args.rounds, rows, alone)
     if dist.get_rank() == 0:
         print(f"world {dist.get_world_size()}, gloo on CPU, median of {args.rounds} interleaved rounds")
-        print(f"{'case':44} {'variant':20} {'step ms':>8} {'x torch':>7} {'clip ms':>8} {'x torch':>7}")
+        print(f"{'case':50} {'variant':18} {'step ms':>8} {'x torch':>7} {'boundary ms':>11} {'x torch':>7}")
         for r in rows:
-            print(f"{r['case']:44} {r['variant']:20} {r['step_ms']:8.1f} {r['step_vs_torch']:7.3f} "
-                  f"{r['clip_ms']:8.2f} {r['clip_vs_torch']:7.2f}")
+            print(f"{r['case']:50} {r['variant']:18} {r['step_ms']:8.1f} {r['step_vs_torch']:7.3f} "
+                  f"{r['boundary_ms']:11.2f} {r['boundary_vs_torch']:7.2f}")
         with open(args.out, "w") as f:
             json.dump({"world_size": dist.get_world_size(), "args": vars(args), "rows": rows}, f, indent=1)
     dist.barrier()

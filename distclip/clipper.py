@@ -78,9 +78,9 @@ class GradClipper:
             and an attached optimizer's step is a no-op).
         foreach: as in torch.
         history: how many past total norms to keep (in ``state_dict``).
-        overlap: take each gradient's partial during backward, as soon as it is written
-            (:mod:`distclip.overlap`: FSDP2 and gradients final when autograd writes them; DDP
-            and FSDP1 take the normal pass).  The result is the same either way.
+        overlap: take each gradient's partial during backward, as soon as it is final
+            (:mod:`distclip.overlap`: FSDP2, DDP with ``gradient_as_bucket_view=True``, gradients
+            final when autograd writes them; otherwise the normal pass).  The same result either way.
     """
 
     def __init__(
@@ -127,7 +127,7 @@ class GradClipper:
         if overlap and self._fsdp1:
             warnings.warn("distclip: overlap=True has no effect on FSDP1 models (FSDP1 runs no gradient hooks)")
         elif overlap:
-            self.backward_partials = BackwardPartials(self.params, self.pnorm, foreach)
+            self.backward_partials = BackwardPartials(self.params, self.pnorm, foreach, ddp=self.module)
         self.steps = 0
         self._clipped_steps = torch.zeros((), dtype=torch.int64)
         self._nonfinite_steps = torch.zeros((), dtype=torch.int64)

@@ -1,22 +1,25 @@
 """Partials taken during backward: ``GradClipper(..., overlap=True)``.
 
 Rule: the partial of a gradient (the powered norm of the elements this rank owns of it,
-:meth:`NormPlan.gradient_partial`) is taken as soon as the gradient is written, in a
-post-accumulate-grad hook: autograd runs it when it has accumulated a parameter's gradient,
-FSDP2 when its reduce-scatter (and, for HSDP, all-reduce) has written a sharded gradient.  At the
-step a partial is used only when its gradient is provably the tensor that was normed, unchanged:
-the same tensor object, under the same plan, with the same version counter (torch bumps it on
-every in-place write: DDP's bucket all-reduce and copy-back, a later micro-batch accumulating
-into it, ``zero_grad(set_to_none=False)``, a clip).  If any owned gradient fails that test the
-step takes the normal pass over all gradients (and the first such step warns), so the result is
-always the normal pass's; overlap only moves where the work happens.
+:meth:`NormPlan.gradient_partial`) is taken as soon as the gradient is final: in a
+post-accumulate-grad hook, which autograd runs when it has accumulated a parameter's gradient
+and FSDP2 when its reduce-scatter (HSDP: all-reduce) has written a sharded gradient; for a DDP
+module, in a communication hook once a bucket's all-reduce has completed.  At the step a partial
+is used only when its gradient is provably the memory that was normed, unchanged: the same
+storage (the same tensor, or a view of the same base tensor, which the record keeps alive) at
+the same address, under the same plan, with the same version counter (torch bumps it on every
+in-place write, and views share their base's: DDP's copy-back, a later micro-batch accumulating,
+``zero_grad(set_to_none=False)``, a clip).  If any owned gradient fails that test the step takes
+the normal pass over all gradients (and the first such step warns), so the result is always the
+normal pass's; overlap only moves where the work happens.
 
-Where it helps: FSDP2 (HSDP included) and plain or DTensor parameters whose gradients are final
-when autograd writes them (single process, tensor, pipeline and expert parallel without DDP):
-at the step only the one all-reduce and the scaling remain.  Where it cannot: DDP all-reduces
-after the hook (every step falls back); FSDP1 writes flat gradients without running the hooks.
-The first backward of a run, and the first after the set of gradients changed, has no plan to
-take partials for: that step takes the normal pass without a warning.
+Where it helps: FSDP2 (HSDP included); DDP with ``gradient_as_bucket_view=True`` (the gradients
+are the all-reduced bucket's views); plain or DTensor parameters whose gradients are final when
+autograd writes them (single process, tensor, pipeline and expert parallel without DDP).  Where it
+cannot: DDP without bucket views copies the bucket into the gradients after the hook (every step
+falls back); a DDP module that has a communication hook of its own keeps it (a warning, the
+normal pass); FSDP1 runs no hooks.  The first backward of a run, and the first after the set of
+gradients changed, has no plan to take partials under: that step takes the normal pass silently.
 """
 
 from __future__ import annotations
@@ -26,8 +29,11 @@ import weakref
 from typing import Sequence
 
 import torch
-from torch import Tensor
+import torch.distributed as dist
+from torch import Tensor, nn
+from torch.distributed.algorithms.ddp_comm_hooks.default_hooks import allreduce_hook
 from torch.distributed.tensor import DTensor
+from torch.nn.parallel import DistributedDataParallel
 from torch.utils.hooks import RemovableHandle
 
 from distclip.partials import PNorm
@@ -35,22 +41,51 @@ from distclip.plan import NormPlan
 
 
 class BackwardPartials:
-    """Post-accumulate-grad hooks on ``params`` that take each gradient's partial under the plan
-    of the previous step (:meth:`use_plan`); :meth:`take` hands them to the step."""
+    """Hooks on ``params`` (post-accumulate-grad, or ``ddp``'s communication hook) that take each
+    gradient's partial under the plan of the previous step (:meth:`use_plan`); :meth:`take`
+    hands them to the step."""
 
-    def __init__(self, params: Sequence[Tensor], pnorm: PNorm, foreach: bool | None) -> None:
+    def __init__(
+        self, params: Sequence[Tensor], pnorm: PNorm, foreach: bool | None, ddp: nn.Module | None = None
+    ) -> None:
         self.pnorm = pnorm
         self.foreach = foreach
         self._plan: NormPlan | None = None
         self._grad_index_of_param: list[int | None] = [None] * len(params)
-        # Per parameter: (plan, weak reference to the local gradient, its version, partial).
-        self._records: list[tuple[NormPlan, weakref.ref, int, Tensor] | None] = [None] * len(params)
+        # Per parameter: (plan, the gradient's storage owner, address, version, partial).
+        self._records: list[tuple[NormPlan, Tensor, int, int, Tensor] | None] = [None] * len(params)
         self._warned = False
         self.steps_used = 0  # steps whose partials all came from backward
         self.steps_fallen_back = 0  # steps that took the normal pass although partials were taken
-        self._handles: list[RemovableHandle] = [
-            param.register_post_accumulate_grad_hook(self._hook_for(index)) for index, param in enumerate(params)
-        ]
+        self._handles: list[RemovableHandle] = []
+        if isinstance(ddp, DistributedDataParallel):
+            self._hook_ddp(ddp, params)
+        else:
+            self._handles = [
+                param.register_post_accumulate_grad_hook(self._hook_for(index)) for index, param in enumerate(params)
+            ]
+
+    def _hook_ddp(self, ddp: DistributedDataParallel, params: Sequence[Tensor]) -> None:
+        """DDP's all-reduce comes after the post-accumulate-grad hooks: take the partials from
+        the all-reduced bucket instead (torch's own all-reduce hook, then this)."""
+        index_of = {id(p): i for i, p in enumerate(params)}
+        owner = weakref.ref(self)
+
+        def after_all_reduce(state, bucket):  # no annotations: DDP checks them, and these would be strings
+            def take(future):
+                self_ = owner()
+                if self_ is not None:
+                    for param, grad in zip(bucket.parameters(), bucket.gradients()):
+                        if id(param) in index_of:
+                            self_._take_partial(index_of[id(param)], grad)
+                return future.value()
+
+            return allreduce_hook(state, bucket).then(take)
+
+        try:
+            ddp.register_comm_hook(ddp.process_group, after_all_reduce)
+        except RuntimeError as error:  # DDP takes one communication hook: the user's stays
+            warnings.warn(f"distclip: overlap=True cannot hook this DDP module ({error}); the normal pass is used")
 
     def _hook_for(self, param_index: int):
         # A weak reference: the parameters' hooks must not keep the clipper alive.
@@ -58,23 +93,22 @@ class BackwardPartials:
 
         def hook(param: Tensor) -> None:
             self_ = owner()
-            if self_ is not None:
-                self_._take_partial(param_index, param)
+            if self_ is not None and param.grad is not None:
+                self_._take_partial(param_index, param.grad)
 
         return hook
 
     @torch.no_grad()
-    def _take_partial(self, param_index: int, param: Tensor) -> None:
+    def _take_partial(self, param_index: int, grad: Tensor) -> None:
         plan, grad_index = self._plan, self._grad_index_of_param[param_index]
-        grad = param.grad
-        if plan is None or grad_index is None or grad is None:
+        if plan is None or grad_index is None:
             return
         local = grad._local_tensor if isinstance(grad, DTensor) else grad
         if grad_index not in plan.owned_ranges:
             self._records[param_index] = None  # nothing owned: its partial is the identity
             return
         value = plan.gradient_partial(grad_index, local, self.pnorm, self.foreach)
-        self._records[param_index] = (plan, weakref.ref(local), local._version, value)
+        self._records[param_index] = (plan, _storage_owner(local), local.data_ptr(), local._version, value)
 
     def use_plan(self, plan: NormPlan, param_index_of_grad: Sequence[int]) -> None:
         """The plan (and which parameter each of its gradients belongs to) for the next backward."""
@@ -93,10 +127,16 @@ class BackwardPartials:
             record = records[param_index_of_grad[grad_index]]
             tensor = local[grad_index]
             recorded += record is not None and record[0] is plan
-            if record is None or record[0] is not plan or record[1]() is not tensor or tensor._version != record[2]:
+            if (
+                record is None
+                or record[0] is not plan
+                or _storage_owner(tensor) is not record[1]
+                or tensor.data_ptr() != record[2]
+                or tensor._version != record[3]
+            ):
                 stale += 1
                 continue
-            values.append(record[3])
+            values.append(record[4])
         if not stale:
             self.steps_used += 1
             return plan.partials_from_gradients(values, self.pnorm)
@@ -120,3 +160,9 @@ class BackwardPartials:
     def remove(self) -> None:
         for handle in self._handles:
             handle.remove()
+
+
+def _storage_owner(tensor: Tensor) -> Tensor:
+    """The tensor whose storage ``tensor`` is (its base, for a view).  Held by the record, so the
+    memory cannot be freed and reused by another tensor while the record stands."""
+    return tensor._base if tensor._base is not None else tensor

@@ -13,10 +13,11 @@ import pytest
 import torch
 import torch.distributed as dist
 from torch.distributed.device_mesh import init_device_mesh
-from torch.distributed.fsdp import fully_shard
+from torch.distributed.algorithms.ddp_comm_hooks.default_hooks import allreduce_hook
+from torch.nn.parallel import DistributedDataParallel as DDP
 
 import distclip
-from models import backward, batch, build, local, shard_layers, wrap
+from models import backward, batch, build, shard_layers, wrap
 from reference import NoHostSync, assert_close_norm, collectives, full_grads, named_param_grads, reference_norm
 
 NORM_TYPES = [2.0, 1.0, math.inf, -math.inf, 0.0]
@@ -119,20 +120,40 @@ def test_fsdp2_gradient_accumulation_counts_only_the_synchronised_micro_batch(ra
     assert per_rank[0] == per_rank[1]
 
 
-def _ddp_falls_back():
-    model = wrap(build(), "ddp")
+def _ddp_overlap(bucket_view):
+    model = DDP(build(), gradient_as_bucket_view=bucket_view)
     clipper = distclip.GradClipper(model, max_norm=0.05, overlap=True)
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         norms = _steps(model, clipper, 2.0)
-    assert clipper.backward_partials.steps_used == 0
-    assert clipper.backward_partials.steps_fallen_back == 2
-    assert len([w for w in caught if "overlap=True" in str(w.message)]) == 1, [str(w.message) for w in caught]
-    return norms
+    used, fallen_back = clipper.backward_partials.steps_used, clipper.backward_partials.steps_fallen_back
+    warned = len([w for w in caught if "overlap=True" in str(w.message)])
+    return norms, (used, fallen_back, warned)
 
 
-def test_ddp_steps_take_the_normal_pass_exactly_with_one_warning(ranks):
-    per_rank = ranks(2).run(_ddp_falls_back)
+def test_ddp_bucket_views_are_taken_after_their_all_reduce(ranks):
+    per_rank = ranks(2).run(_ddp_overlap, True)
+    assert per_rank[0][0] == per_rank[1][0]
+    assert all(paths == (2, 0, 0) for _, paths in per_rank), per_rank
+
+
+def test_ddp_without_bucket_views_takes_the_normal_pass_exactly_with_one_warning(ranks):
+    # DDP copies each all-reduced bucket into the gradients after the hook: a version bump.
+    per_rank = ranks(2).run(_ddp_overlap, False)
+    assert per_rank[0][0] == per_rank[1][0]
+    assert all(paths == (0, 2, 1) for _, paths in per_rank), per_rank
+
+
+def _ddp_with_its_own_comm_hook():
+    model = DDP(build())
+    model.register_comm_hook(None, allreduce_hook)
+    with pytest.warns(UserWarning, match="cannot hook this DDP module"):
+        clipper = distclip.GradClipper(model, max_norm=0.05, overlap=True)
+    return _steps(model, clipper, 2.0)
+
+
+def test_a_ddp_module_with_a_comm_hook_of_its_own_keeps_it_and_is_exact(ranks):
+    per_rank = ranks(2).run(_ddp_with_its_own_comm_hook)
     assert per_rank[0] == per_rank[1]
 
 
