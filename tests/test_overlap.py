@@ -67,6 +67,22 @@ def test_partials_from_backward_give_the_normal_pass_norm_and_gradients(norm_typ
     assert overlapped.backward_partials.steps_fallen_back == 0
 
 
+@pytest.mark.parametrize("norm_type", [2.0, math.inf, 0.0])
+def test_per_group_norms_from_backward_equal_the_normal_pass(norm_type):
+    ours, theirs = build(), build()
+    overlapped = distclip.GradClipper(ours, max_norm=0.05, norm_type=norm_type, groups="modules", overlap=True)
+    normal = distclip.GradClipper(theirs, max_norm=0.05, norm_type=norm_type, groups="modules")
+    for step in range(2):
+        for model in (ours, theirs):
+            model.zero_grad(set_to_none=True)
+            backward(model, batch(0, seed=step))
+        mine, reference = overlapped.clip_().group_norms, normal.clip_().group_norms
+        assert list(mine) == list(reference) == ["layers", "norm", "head"]
+        for name in reference:
+            torch.testing.assert_close(mine[name], reference[name], rtol=1e-6, atol=0)
+    assert overlapped.backward_partials.steps_used == 1
+
+
 def test_a_gradient_edited_after_backward_is_normed_as_edited():
     model = build()
     clipper = distclip.GradClipper(model, max_norm=1e9, overlap=True)
