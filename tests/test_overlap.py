@@ -13,7 +13,10 @@ import pytest
 import torch
 import torch.distributed as dist
 from torch.distributed.device_mesh import init_device_mesh
+from torch import nn
 from torch.distributed.algorithms.ddp_comm_hooks.default_hooks import allreduce_hook
+from torch.distributed.fsdp import fully_shard
+from torch.distributed.tensor.parallel import ColwiseParallel, RowwiseParallel, parallelize_module
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 import distclip
@@ -134,6 +137,35 @@ def test_fsdp2_gradients_are_taken_during_backward_exactly(ranks, mesh_shape, wo
 def test_fsdp2_gradient_accumulation_counts_only_the_synchronised_micro_batch(ranks):
     per_rank = ranks(2).run(_fsdp2_overlap, (2,), 2.0, 3)
     assert per_rank[0] == per_rank[1]
+
+
+def _tensor_parallel_overlap(dp, tp):
+    """Tensor parallel (ColwiseParallel / RowwiseParallel DTensors, whose gradients autograd
+    writes; a LayerNorm replicated over tp as plain tensors), under FSDP2 on dp when dp > 1."""
+    mesh = init_device_mesh("cpu", (dp, tp), mesh_dim_names=("dp", "tp"))
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(8, 32), nn.ReLU(), nn.Linear(32, 8), nn.LayerNorm(8))
+    parallelize_module(model, mesh["tp"], {"0": ColwiseParallel(), "2": RowwiseParallel()})
+    if dp > 1:
+        fully_shard(model, mesh=mesh["dp"])
+    clipper = distclip.GradClipper(model, max_norm=0.05, overlap=True)
+    norms = []
+    for step in range(3):
+        model.zero_grad(set_to_none=True)
+        x = torch.randn(2, 2 * tp, 8, generator=torch.Generator().manual_seed(10 * step + mesh["dp"].get_local_rank()))
+        (model(x) ** 2).mean().backward()
+        expected = _reference(model, 2.0)
+        result = clipper.clip_()
+        assert_close_norm(result.total_norm.item(), expected, 2.0, rtol=1e-6)
+        norms.append(result.total_norm.item().hex())
+    assert clipper.backward_partials.steps_used == 2
+    return norms
+
+
+@pytest.mark.parametrize("dp,tp", [(1, 2), (2, 2)], ids=["tp2", "fsdp2xtp2"])
+def test_tensor_parallel_gradients_are_taken_during_backward_exactly(ranks, dp, tp):
+    per_rank = ranks(dp * tp).run(_tensor_parallel_overlap, dp, tp)
+    assert all(norms == per_rank[0] for norms in per_rank)
 
 
 def _ddp_overlap(bucket_view):
