@@ -75,6 +75,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--inject-spike", type=int, default=None, metavar="STEP",
                    help=f"multiply STEP's loss by {SPIKE_FACTOR:g}, so that a real spike occurs")
     p.add_argument("--norm-type", type=float, default=2.0)
+    p.add_argument("--overlap", action="store_true",
+                   help="take the norm partials during backward (GradClipper(overlap=True))")
     p.add_argument("--tp", type=int, default=2, help="tensor-parallel degree for fsdp2+tp")
     p.add_argument("--replicas", type=int, default=2, help="replicate degree for hsdp")
     p.add_argument("--microbatches", type=int, default=2, help="pipeline micro-batches per step")
@@ -225,7 +227,8 @@ def parallelize(model: GPT, args, device: torch.device):
     if args.parallel == "ddp":
         from torch.nn.parallel import DistributedDataParallel as DDP
 
-        return DDP(model, device_ids=[device.index] if kind == "cuda" else None), None, None
+        # Bucket views: no second copy of the gradients, and --overlap can take DDP's partials.
+        return DDP(model, device_ids=[device.index] if kind == "cuda" else None, gradient_as_bucket_view=True), None, None
     if args.parallel in ("fsdp2", "hsdp"):
         if args.parallel == "fsdp2":
             mesh = init_device_mesh(kind, (world,))
@@ -331,7 +334,7 @@ def train(args: argparse.Namespace) -> None:
     threshold = {"fixed": lambda: args.max_norm, "zclip": distclip.ZClip, "autoclip": distclip.AutoClip}[args.clip]()
     clipper = distclip.GradClipper(
         model, max_norm=threshold, norm_type=args.norm_type, replica_group=replica_group,
-        skip_spikes=distclip.SpikeSkip() if args.skip_spikes else None,
+        skip_spikes=distclip.SpikeSkip() if args.skip_spikes else None, overlap=args.overlap,
     )
     start = load_checkpoint(args.resume, model, optimizer, clipper) if args.resume else 0
 
@@ -407,6 +410,10 @@ def train(args: argparse.Namespace) -> None:
         progress.close()
     if rank == 0:
         log.close()
+        if clipper.backward_partials is not None:
+            partials = clipper.backward_partials
+            print(f"overlap: partials from backward on {partials.steps_used} of {args.steps - start} steps "
+                  f"({partials.steps_fallen_back} fell back to the normal pass)", flush=True)
         plot(args.out / "metrics.jsonl", args.out / "metrics.png")
         print(f"metrics: {args.out / 'metrics.jsonl'}  plot: {args.out / 'metrics.png'}", flush=True)
     dist.barrier()

@@ -50,14 +50,20 @@ def fsdp2_run(once):
     return Path(once("train-fsdp2", _train(2, *TINY, "--parallel", "fsdp2", "--save-every", "2")))
 
 
+# HSDP runs with --overlap (partials taken during backward): the history must not change, and
+# every step after the first takes its partials from backward.  (Without overlap HSDP runs in the
+# two-node test below.)
 @pytest.mark.parametrize("parallel", ["fsdp2", "hsdp", "fsdp2+tp", "pp", "fsdp1"])
 def test_every_parallelism_agrees_with_ddp_on_the_grad_norm_history(parallel, ddp_history, tmp_path, request):
     if parallel == "fsdp2":
         out = request.getfixturevalue("fsdp2_run")
     else:
         out = tmp_path
-        result = _torchrun(2, *TINY, "--parallel", parallel, "--out", str(out), cwd=out)
+        overlap = ["--overlap"] if parallel == "hsdp" else []
+        result = _torchrun(2, *TINY, "--parallel", parallel, *overlap, "--out", str(out), cwd=out)
         assert result.returncode == 0, result.stderr[-3000:]
+        if overlap:
+            assert "overlap: partials from backward on 2 of 3 steps (0 fell back" in result.stdout, result.stdout[-2000:]
     history = _history(out)
     assert len(history) == len(ddp_history) == 3
     for ours, reference in zip(history, ddp_history):
