@@ -80,7 +80,8 @@ class GradClipper:
         history: how many past total norms to keep (in ``state_dict``).
         overlap: take each gradient's partial during backward, as soon as it is final
             (:mod:`distclip.overlap`: FSDP2, DDP with ``gradient_as_bucket_view=True``, gradients
-            final when autograd writes them; otherwise the normal pass).  The same result either way.
+            final when autograd writes them; otherwise the normal pass).  The same norm either way, up
+            to float32 rounding.
     """
 
     def __init__(

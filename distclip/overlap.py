@@ -10,8 +10,10 @@ storage (the same tensor, or a view of the same base tensor, which the record ke
 the same address, under the same plan, with the same version counter (torch bumps it on every
 in-place write, and views share their base's: DDP's copy-back, a later micro-batch accumulating,
 ``zero_grad(set_to_none=False)``, a clip).  If any owned gradient fails that test the step takes
-the normal pass over all gradients (and the first such step warns), so the result is always the
-normal pass's; overlap only moves where the work happens.
+the normal pass over all gradients (and the first such step warns), so the norm is always the
+normal pass's, up to rounding: partials are summed per gradient here, where the normal pass may
+sum a run of adjacent gradients at once (:mod:`distclip.spans`), a float32 difference of ~1e-7.
+``overlap`` only moves where the work happens.
 
 Where it helps: FSDP2 (HSDP included); DDP with ``gradient_as_bucket_view=True`` (the gradients
 are the all-reduced bucket's views); plain or DTensor parameters whose gradients are final when

@@ -227,8 +227,12 @@ def parallelize(model: GPT, args, device: torch.device):
     if args.parallel == "ddp":
         from torch.nn.parallel import DistributedDataParallel as DDP
 
-        # Bucket views: no second copy of the gradients, and --overlap can take DDP's partials.
-        return DDP(model, device_ids=[device.index] if kind == "cuda" else None, gradient_as_bucket_view=True), None, None
+        # --overlap takes DDP's partials from its buckets, which needs the gradients to be their
+        # views.  Not otherwise: the norm's float32 rounding follows the memory layout, and DDP
+        # re-buckets after its first step, so a resumed run would differ from an uninterrupted one
+        # in the last bits.
+        device_ids = [device.index] if kind == "cuda" else None
+        return DDP(model, device_ids=device_ids, gradient_as_bucket_view=args.overlap), None, None
     if args.parallel in ("fsdp2", "hsdp"):
         if args.parallel == "fsdp2":
             mesh = init_device_mesh(kind, (world,))
