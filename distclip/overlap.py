@@ -35,7 +35,6 @@ from torch import Tensor, nn
 from torch.distributed.algorithms.ddp_comm_hooks.default_hooks import allreduce_hook
 from torch.distributed.tensor import DTensor
 from torch.nn.parallel import DistributedDataParallel
-from torch.utils.hooks import RemovableHandle
 
 from distclip.partials import PNorm
 from distclip.plan import NormPlan
@@ -58,13 +57,11 @@ class BackwardPartials:
         self._warned = False
         self.steps_used = 0  # steps whose partials all came from backward
         self.steps_fallen_back = 0  # steps that took the normal pass although partials were taken
-        self._handles: list[RemovableHandle] = []
         if isinstance(ddp, DistributedDataParallel):
             self._hook_ddp(ddp, params)
         else:
-            self._handles = [
-                param.register_post_accumulate_grad_hook(self._hook_for(index)) for index, param in enumerate(params)
-            ]
+            for index, param in enumerate(params):
+                param.register_post_accumulate_grad_hook(self._hook_for(index))
 
     def _hook_ddp(self, ddp: DistributedDataParallel, params: Sequence[Tensor]) -> None:
         """DDP's all-reduce comes after the post-accumulate-grad hooks: take the partials from
@@ -157,10 +154,6 @@ class BackwardPartials:
         """A new norm type (a clipper's restored state): partials taken so far no longer apply."""
         self.pnorm = pnorm
         self._records = [None] * len(self._records)
-
-    def remove(self) -> None:
-        for handle in self._handles:
-            handle.remove()
 
 
 def _storage_owner(tensor: Tensor) -> Tensor:

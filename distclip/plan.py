@@ -104,7 +104,7 @@ class NormPlan:
         for index, start, stop in ownership.owned:
             self.owned_ranges.setdefault(index, []).append((start, stop))
         self.owned_indices = list(self.owned_ranges)
-        self.owned_slots = (
+        self.owned_slot_ids = (
             None if slot is None else torch.tensor([slot[i] for i in self.owned_indices], device=self.device)
         )
         owned_slots = {slot[index] for index, _, _ in ownership.owned} if slot is not None else set()
@@ -190,7 +190,7 @@ class NormPlan:
         total = pnorm.combine(stacked).reshape(1)
         if not self.num_groups:
             return total
-        return torch.cat([total, pnorm.combine_by_group(stacked, self.owned_slots, self.num_groups)])
+        return torch.cat([total, pnorm.combine_by_group(stacked, self.owned_slot_ids, self.num_groups)])
 
     def partials(self, local: Sequence[Tensor], pnorm: PNorm, foreach: bool | None) -> Tensor:
         """This rank's partials: ``[total, group 0, ..., group k-1]``, float64 on the
@@ -255,7 +255,7 @@ class NormPlan:
 
 
 def _piece_norms(
-    tensors: Sequence[Tensor],
+    tensors: list[Tensor],
     dtype: torch.dtype,
     device: torch.device,
     pnorm: PNorm,
@@ -267,7 +267,7 @@ def _piece_norms(
     # adds ~1e-3 off over a large tensor (rarely used, so exactness wins over speed here).
     wide = dtype == torch.float64 or pnorm.p < 0
     accumulate = torch.float64 if wide else torch.float32
-    if use_foreach(foreach, list(tensors), device, foreach_supported):
+    if use_foreach(foreach, tensors, device, foreach_supported):
         norms = torch._foreach_norm(tensors, pnorm.p, dtype=accumulate)
     else:
         norms = [torch.linalg.vector_norm(t, pnorm.p, dtype=accumulate) for t in tensors]

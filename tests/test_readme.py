@@ -5,6 +5,7 @@ The snippets of one world size run one after another in one ``torchrun`` launch
 runs once however many xdist workers run its tests; the Lightning and Accelerate snippets, whose
 frameworks keep process-wide state, get a launch each."""
 
+import importlib.util
 import json
 import re
 from pathlib import Path
@@ -19,6 +20,7 @@ SNIPPET = re.compile(r"```python\n# torchrun --nproc-per-node=(\d+) (\S+)\n(.*?)
 INTEGRATIONS = {"lightning_clip.py": "lightning", "accelerate_clip.py": "accelerate", "torchtitan_clip.py": "torchtitan"}
 OWN_LAUNCH = {"lightning_clip.py", "accelerate_clip.py"}
 SNIPPETS = {name: (int(n), code) for n, name, code in SNIPPET.findall(README.read_text())}
+
 
 def test_readme_has_a_snippet_per_parallelism():
     assert {"ddp.py", "fsdp2.py", "hsdp.py", "fsdp_tp.py", "pipeline.py", "experts.py", "fsdp1.py", "offload.py", "copies.py", "megatron.py",
@@ -55,14 +57,9 @@ def _launch(key: tuple[int, str], directory: Path) -> dict[str, str | None]:
 
 
 def _available(name: str) -> bool:
+    # Found, not imported: the launch imports the framework, this process need not.
     framework = INTEGRATIONS.get(name)
-    if framework is None:
-        return True
-    try:
-        __import__(framework)
-    except ImportError:
-        return False
-    return True
+    return framework is None or importlib.util.find_spec(framework) is not None
 
 
 @pytest.mark.parametrize("name", sorted(SNIPPETS))
