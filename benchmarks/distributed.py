@@ -116,7 +116,7 @@ def case_fsdp1(rows):
     pieces = sum(len(b.pieces) for b in plan.buckets)
     merged = sum(len(b.run_pieces) if b.run_pieces is not None else len(b.pieces) for b in plan.buckets)
     if dist.get_rank() == 0:
-        print(f"FSDP1 norm kernels per rank: {pieces} pieces, {merged} after merging runs; FSDP's own: 24")
+        print(f"FSDP1 norm kernel inputs per rank: {pieces} pieces, {merged} after merging runs; FSDP's own: 24")
 
 
 def case_fused_step(rows, rounds=15):

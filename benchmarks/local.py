@@ -14,7 +14,9 @@ import json
 import torch
 
 import distclip
-from timing import copy_bandwidth, gpt2_small_shapes, median_seconds
+import statistics
+
+from timing import copy_bandwidth, gpt2_small_shapes, interleaved_seconds, median_seconds
 
 
 def per_tensor_loop(params, max_norm):
@@ -45,7 +47,7 @@ def main() -> None:
             "distclip.clip_grad_norm_": lambda: distclip.clip_grad_norm_(params, 1e9),
             "distclip.GradClipper": clipper.clip_,
         }
-        times = {name: median_seconds(fn) for name, fn in cases.items()}
+        times = {name: statistics.median(t) for name, t in interleaved_seconds(cases, rounds=9).items()}
         floor = 3 * nbytes / bandwidth
         for name, seconds in times.items():
             rows.append({"dtype": str(dtype).split(".")[1], "case": name, "ms": seconds * 1e3,

@@ -17,7 +17,8 @@ from torch import Tensor
 
 from distclip.copycheck import CopyCheck
 from distclip.ownership import Attribution, Ownership, OwnershipError, Problem, plan_ownership
-from distclip.partials import PNorm, use_foreach
+from distclip.partials import PNorm
+from distclip.pieces import Pieces, piece_norms, piece_tensors, split_ranges
 from distclip.reduction import all_reduce_partials, raise_problems
 from distclip.scaling import scale_grouped_
 from distclip.spans import Runs, find_runs
@@ -26,40 +27,19 @@ from torch.distributed.tensor import DTensor
 from torch.utils._foreach_utils import _has_foreach_support
 
 
-# Elements per CPU chunk: 2**18 keeps a GPT-2-sized norm within ~1e-6 of float64 (torch's
-# unchunked CPU kernel: ~1e-3) at ~1.2x the cost of torch's own norm; 2**16 gives ~1e-7 at ~1.5x.
-CPU_CHUNK = 1 << 18
-
-
 @dataclass
 class _Bucket:
-    """Owned pieces of one (device, dtype): whole tensors and flat ranges, by gradient index;
-    and, where pieces lie end to end in memory, the same elements as runs (:mod:`distclip.spans`)."""
+    """Owned pieces of one (device, dtype), units being gradients; and, where pieces lie end to
+    end in memory, the same elements as runs (:mod:`distclip.spans`), units being runs."""
 
     device: torch.device
     dtype: torch.dtype
-    pieces: list[tuple[int, int, int, bool]]  # (grad index, start, stop, whole)
-    group_ids: Tensor | None  # per piece, the group it counts towards (on ``device``)
+    pieces: Pieces
+    group_ids: Tensor | None  # per norm value, the group it counts towards (on ``device``)
     foreach_supported: bool  # torch's check, made once: the plan fixes the tensors' types
     runs: Runs | None = None
-    run_pieces: list[tuple[int, int, int, bool]] | None = None  # (run, start, stop, whole run)
+    run_pieces: Pieces | None = None
     run_group_ids: Tensor | None = None
-
-
-def _chunked(unit: int, start: int, stop: int, whole: bool, device: torch.device) -> list[tuple[int, int, int, bool]]:
-    """A piece as pieces the norm kernel sums accurately: on the CPU, equal chunks of about
-    CPU_CHUNK elements (at most 1.5 x CPU_CHUNK; a piece under that stays whole).
-
-    torch's CPU norm kernels sum each thread's share sequentially in float32: a 38M-element tensor
-    comes out ~3e-3 off.  Chunks keep each sum short; their p-th powers are added in float64.
-    Equal chunks rather than CPU_CHUNK and a remainder: an FSDP1 shard of 2.002 x CPU_CHUNK
-    elements is 2 kernels, not 3.
-    """
-    count = round((stop - start) / CPU_CHUNK) if device.type == "cpu" else 1
-    if count <= 1 or (stop - start) <= CPU_CHUNK * 3 // 2:
-        return [(unit, start, stop, whole)]
-    bounds = [start + (stop - start) * k // count for k in range(count + 1)]
-    return [(unit, a, b, False) for a, b in zip(bounds, bounds[1:])]
 
 
 class NormPlan:
@@ -130,21 +110,17 @@ class NormPlan:
         local: Sequence[Tensor],
         slot: Sequence[int] | None,
     ) -> _Bucket:
-        pieces = [
-            piece
-            for index, start, stop in segments
-            for piece in _chunked(index, start, stop, start == 0 and stop == local[index].numel(), device)
-        ]
-        group_ids = None if slot is None else torch.tensor([slot[p[0]] for p in pieces], device=device)
-        bucket = _Bucket(device, dtype, pieces, group_ids, _has_foreach_support([local[p[0]] for p in pieces], device))
+        pieces = split_ranges(((i, start, stop, local[i].numel()) for i, start, stop in segments), device)
+        group_ids = None if slot is None else torch.tensor([slot[i] for i in pieces.value_units], device=device)
+        supported = _has_foreach_support([local[i] for i, _, _ in segments], device)
+        bucket = _Bucket(device, dtype, pieces, group_ids, supported)
         runs = find_runs(segments, local, None if slot is None else [slot[index] for index, _, _ in segments])
         if runs is not None:
             bucket.runs = runs
-            bucket.run_pieces = [
-                piece for r, (_, _, length) in enumerate(runs.runs) for piece in _chunked(r, 0, length, True, device)
-            ]
+            bucket.run_pieces = split_ranges(((r, 0, length, length) for r, (_, _, length) in enumerate(runs.runs)), device)
             if slot is not None:  # a run's pieces share one group: its first gradient's
-                bucket.run_group_ids = torch.tensor([slot[runs.runs[p[0]][0]] for p in bucket.run_pieces], device=device)
+                run_slots = [slot[runs.runs[r][0]] for r in bucket.run_pieces.value_units]
+                bucket.run_group_ids = torch.tensor(run_slots, device=device)
         return bucket
 
     def local_tensors(self, grads: Sequence[Tensor]) -> list[Tensor]:
@@ -157,28 +133,22 @@ class NormPlan:
         """Per-piece norms (float64) of one bucket, and each one's group id."""
         views = bucket.runs.views(local) if bucket.runs is not None else None
         if views is not None:
-            tensors = [views[r] if whole else views[r][start:stop] for r, start, stop, whole in bucket.run_pieces]
+            whole, blocks = piece_tensors(bucket.run_pieces, views)
             group_ids = bucket.run_group_ids
         else:
-            tensors = [
-                local[i] if whole else local[i].reshape(-1)[start:stop]
-                for i, start, stop, whole in bucket.pieces
-            ]
+            whole, blocks = piece_tensors(bucket.pieces, local)
             group_ids = bucket.group_ids
-        return _piece_norms(tensors, bucket.dtype, bucket.device, pnorm, foreach, bucket.foreach_supported), group_ids
+        norms = piece_norms(whole, blocks, bucket.dtype, bucket.device, pnorm, foreach, bucket.foreach_supported)
+        return norms, group_ids
 
     def gradient_partial(self, index: int, tensor: Tensor, pnorm: PNorm, foreach: bool | None) -> Tensor:
         """The partial of gradient ``index`` alone (its local tensor ``tensor``): its owned
         elements' powered norms combined, float64, 0-dim, on the reduction device.
         :meth:`partials_from_gradients` combines these as :meth:`partials` combines buckets."""
         numel = tensor.numel()
-        pieces = [
-            piece
-            for start, stop in self.owned_ranges[index]
-            for piece in _chunked(index, start, stop, start == 0 and stop == numel, tensor.device)
-        ]
-        tensors = [tensor if whole else tensor.reshape(-1)[start:stop] for _, start, stop, whole in pieces]
-        norms = _piece_norms(tensors, tensor.dtype, tensor.device, pnorm, foreach)
+        pieces = split_ranges(((0, start, stop, numel) for start, stop in self.owned_ranges[index]), tensor.device)
+        whole, blocks = piece_tensors(pieces, [tensor])
+        norms = piece_norms(whole, blocks, tensor.dtype, tensor.device, pnorm, foreach)
         return pnorm.combine(pnorm.powered(norms)).to(self.device)
 
     def partials_from_gradients(self, values: Sequence[Tensor], pnorm: PNorm) -> Tensor:
@@ -253,22 +223,3 @@ class NormPlan:
             self.scale_foreach_supported,
         )
 
-
-def _piece_norms(
-    tensors: list[Tensor],
-    dtype: torch.dtype,
-    device: torch.device,
-    pnorm: PNorm,
-    foreach: bool | None,
-    foreach_supported: bool | None = None,
-) -> Tensor:
-    """The norms of ``tensors`` (all of ``dtype`` on ``device``) as one float64 vector."""
-    # p < 0: the sum is ruled by the few smallest elements' huge |x|**p, which float32
-    # adds ~1e-3 off over a large tensor (rarely used, so exactness wins over speed here).
-    wide = dtype == torch.float64 or pnorm.p < 0
-    accumulate = torch.float64 if wide else torch.float32
-    if use_foreach(foreach, tensors, device, foreach_supported):
-        norms = torch._foreach_norm(tensors, pnorm.p, dtype=accumulate)
-    else:
-        norms = [torch.linalg.vector_norm(t, pnorm.p, dtype=accumulate) for t in tensors]
-    return torch.stack(norms).to(torch.float64)

@@ -49,7 +49,15 @@ def test_bf16_sharded_gradients_match_the_float64_reference(ranks, world_size, n
 @pytest.mark.parametrize("norm_type", [2.0, 1.0])
 def test_large_cpu_tensor_norm_stays_within_float32_rounding(norm_type):
     # torch's CPU norm kernel sums long runs sequentially in float32 (7e-5 off here for p=2);
-    # distclip reduces CPU tensors in chunks and adds the chunks in float64.
+    # distclip reduces long CPU ranges as short rows and adds the rows in float64.
     grad = torch.randn(1 << 22, generator=torch.Generator().manual_seed(0)) + 1.0
     reference = torch.linalg.vector_norm(grad.double(), norm_type).item()
-    assert distclip.get_total_norm([grad], norm_type).item() == pytest.approx(reference, rel=1e-5)
+    assert distclip.get_total_norm([grad], norm_type).item() == pytest.approx(reference, rel=1e-6)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_large_half_precision_cpu_tensor_norm_is_accumulated_in_float32(dtype):
+    # torch's own bf16 norm rounds the result to bf16 (2**-9); distclip's rows are float32 sums.
+    grad = (torch.randn(5_000_001, generator=torch.Generator().manual_seed(0)) + 1.0).to(dtype)
+    reference = torch.linalg.vector_norm(grad.double()).item()
+    assert distclip.get_total_norm([grad]).item() == pytest.approx(reference, rel=1e-6)

@@ -1,0 +1,112 @@
+"""Norm-kernel inputs: owned ranges as whole tensors for one foreach call, or, on the CPU, as rows.
+
+The rule.  On the CPU, a range of more than ``ROWS_FROM`` elements is viewed as rows of ``ROW``
+elements and reduced along the rows (``torch.linalg.vector_norm(block, p, dim=1)``, one call per
+block of at most ``BLOCK`` elements); what is left of it (fewer than ``ROW`` elements) and every
+shorter range go into one ``torch._foreach_norm`` call.  On other devices every range goes into
+the foreach call whole.
+
+Why rows.  torch's CPU norm kernel sums each thread's share of a tensor sequentially in float32:
+the norm of GPT-2's 38.6M-element embedding gradient comes out 2.6e-3 off the float64 value.  A
+row is a short float32 sum, and the rows' p-th powers are added in float64: GPT-2-small's fp32
+norm is then ~3e-9 off, and it takes ~0.6x the time of torch's own foreach norm, because the row
+reduction spreads rows over threads instead of splitting one long sum (measured on the 2-core CI
+machine, ``benchmarks/RESULTS.md``).  Why blocks: for bf16/fp16 gradients (and float32 ones under
+``p < 0``, reduced in float64) torch's CPU kernel first copies its whole input to the accumulation
+dtype; a 38.6M-element copy runs at DRAM speed, 2^21-element ones stay in cache.  CUDA kernels
+reduce in a tree and upcast inside the kernel, so whole tensors are accurate there.
+
+A *unit* is what a range indexes into: a gradient, or a run of adjacent gradients
+(:mod:`distclip.spans`); its flat elements ``[start, stop)`` are what the range covers.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Iterable, Sequence
+
+import torch
+from torch import Tensor
+
+from distclip.partials import PNorm, use_foreach
+
+ROW = 1 << 12
+BLOCK = 1 << 21
+ROWS_FROM = 1 << 16
+
+
+@dataclass(frozen=True)
+class Pieces:
+    """One (device, dtype)'s ranges as kernel inputs.
+
+    ``whole``: ``(unit, start, stop, is_whole_unit)`` for the foreach call; ``blocks``:
+    ``(unit, start, rows)``, ``rows x ROW`` elements from ``start``; ``value_units``: the unit of
+    every norm :func:`piece_norms` returns, in its order (whole pieces, then each block's rows).
+    """
+
+    whole: tuple[tuple[int, int, int, bool], ...]
+    blocks: tuple[tuple[int, int, int], ...]
+    value_units: tuple[int, ...]
+
+    def __len__(self) -> int:
+        """How many tensors the norm kernels take: whole pieces and blocks."""
+        return len(self.whole) + len(self.blocks)
+
+
+def split_ranges(ranges: Iterable[tuple[int, int, int, int]], device: torch.device) -> Pieces:
+    """``(unit, start, stop, unit numel)`` ranges -> :class:`Pieces` by the module's rule."""
+    whole, blocks = [], []
+    for unit, start, stop, numel in ranges:
+        rows = (stop - start) // ROW
+        if device.type != "cpu" or stop - start <= ROWS_FROM:
+            whole.append((unit, start, stop, start == 0 and stop == numel))
+            continue
+        for first in range(0, rows, BLOCK // ROW):
+            blocks.append((unit, start + first * ROW, min(BLOCK // ROW, rows - first)))
+        if start + rows * ROW < stop:
+            whole.append((unit, start + rows * ROW, stop, False))
+    value_units = [unit for unit, _, _, _ in whole] + [unit for unit, _, rows in blocks for _ in range(rows)]
+    return Pieces(tuple(whole), tuple(blocks), tuple(value_units))
+
+
+def piece_tensors(pieces: Pieces, units: Sequence[Tensor]) -> tuple[list[Tensor], list[Tensor]]:
+    """The tensors :func:`piece_norms` reduces: whole pieces (flat ranges or whole units) and
+    ``(rows, ROW)`` blocks, viewed over the current ``units``."""
+    flat: dict[int, Tensor] = {}  # one flattening per unit: a non-contiguous unit is copied once
+
+    def flattened(unit: int) -> Tensor:
+        if unit not in flat:
+            flat[unit] = units[unit].reshape(-1)
+        return flat[unit]
+
+    whole = [units[u] if is_whole else flattened(u)[start:stop] for u, start, stop, is_whole in pieces.whole]
+    blocks = [flattened(u)[start : start + rows * ROW].view(rows, ROW) for u, start, rows in pieces.blocks]
+    return whole, blocks
+
+
+def piece_norms(
+    whole: list[Tensor],
+    blocks: list[Tensor],
+    dtype: torch.dtype,
+    device: torch.device,
+    pnorm: PNorm,
+    foreach: bool | None,
+    foreach_supported: bool | None = None,
+) -> Tensor:
+    """The norms of ``whole`` and of every row of ``blocks`` (all of ``dtype`` on ``device``), as
+    one float64 vector in :attr:`Pieces.value_units` order."""
+    # p < 0: the sum is ruled by the few smallest elements' huge |x|**p, which float32
+    # adds ~1e-3 off over a large tensor (rarely used, so exactness wins over speed here).
+    wide = dtype == torch.float64 or pnorm.p < 0
+    accumulate = torch.float64 if wide else torch.float32
+    norms: list[Tensor] = []
+    if use_foreach(foreach, whole, device, foreach_supported):
+        norms += torch._foreach_norm(whole, pnorm.p, dtype=accumulate) if whole else []
+    else:
+        norms += [torch.linalg.vector_norm(t, pnorm.p, dtype=accumulate) for t in whole]
+    rows = [torch.linalg.vector_norm(block, pnorm.p, dim=1, dtype=accumulate) for block in blocks]
+    if norms:
+        rows.insert(0, torch.stack(norms))
+    if not rows:
+        return torch.empty(0, dtype=torch.float64, device=device)
+    return (rows[0] if len(rows) == 1 else torch.cat(rows)).to(torch.float64)

@@ -1,0 +1,90 @@
+"""Long CPU ranges are reduced as rows (distclip.pieces): each row counted once, towards its own
+gradient's group, on every path that takes norms (foreach or not, plan or overlap, sharded)."""
+
+import pytest
+import torch
+import torch.distributed as dist
+from torch import nn
+from torch.distributed.device_mesh import init_device_mesh
+from torch.distributed.tensor import Shard, distribute_tensor
+
+import distclip
+from distclip.pieces import BLOCK, ROW, ROWS_FROM, split_ranges
+from models import NORM_TYPES
+from reference import assert_close_norm, assert_same_on_all_ranks, clip_and_check, reference_norm
+
+# Long enough to be rows on the CPU, not a multiple of a row, more than one block.
+LONG = BLOCK + 3 * ROW + 5
+
+
+def _params(shapes, dtype=torch.float32, seed=0):
+    generator = torch.Generator().manual_seed(seed)
+    params = []
+    for shape in shapes:
+        p = nn.Parameter(torch.zeros(shape, dtype=dtype))
+        p.grad = ((torch.randn(shape, generator=generator) + 0.5) * 3).to(dtype)
+        params.append(p)
+    return params
+
+
+def test_a_long_cpu_range_becomes_blocks_of_rows_and_a_whole_remainder():
+    pieces = split_ranges([(0, 7, 7 + LONG, 7 + LONG), (1, 0, ROWS_FROM, ROWS_FROM)], torch.device("cpu"))
+    rows = LONG // ROW
+    assert pieces.blocks == ((0, 7, BLOCK // ROW), (0, 7 + BLOCK, rows - BLOCK // ROW))
+    assert pieces.whole == ((0, 7 + rows * ROW, 7 + LONG, False), (1, 0, ROWS_FROM, True))
+    assert pieces.value_units == (0, 1) + (0,) * rows
+
+
+def test_ranges_on_other_devices_stay_whole():
+    pieces = split_ranges([(0, 0, LONG, LONG)], torch.device("meta"))
+    assert pieces.whole == ((0, 0, LONG, True),) and pieces.blocks == ()
+
+
+@pytest.mark.parametrize("norm_type", NORM_TYPES)
+@pytest.mark.parametrize("foreach", [None, False])
+def test_long_gradients_give_the_float64_norm_with_and_without_foreach(norm_type, foreach):
+    params = _params([(LONG,), (3, 5), (ROWS_FROM + 1,)])
+    before = {str(i): p.grad.double() for i, p in enumerate(params)}
+    total = distclip.get_total_norm([p.grad for p in params], norm_type, foreach=foreach)
+    assert_close_norm(total.item(), reference_norm(before, norm_type), norm_type, rtol=1e-6)
+
+
+@pytest.mark.parametrize("norm_type", [2.0, 1.0, float("inf"), 0.0])
+def test_rows_count_towards_their_own_gradients_group(norm_type):
+    params = _params([(LONG,), (40, 40), (ROWS_FROM * 2,), (7,)])
+    groups = {"a": [params[0], params[1]], "b": [params[2], params[3]]}
+    clipper = distclip.GradClipper(params, max_norm=1e9, norm_type=norm_type, groups=groups)
+    before = {name: {str(i): p.grad.double() for i, p in enumerate(ps)} for name, ps in groups.items()}
+    result = clipper.clip_()
+    for name, grads in before.items():
+        assert_close_norm(result.group_norms[name].item(), reference_norm(grads, norm_type), norm_type, rtol=1e-6)
+
+
+def test_partials_taken_during_backward_reduce_long_gradients_as_rows():
+    model = nn.Linear(ROWS_FROM // 16 + 3, 40)  # a 2.6M-element weight gradient
+    clipper = distclip.GradClipper(model, max_norm=1e9, overlap=True)
+    for step in range(2):
+        model.zero_grad(set_to_none=True)
+        model(torch.randn(4, model.in_features, generator=torch.Generator().manual_seed(step))).square().sum().backward()
+        expected = reference_norm({n: p.grad.double() for n, p in model.named_parameters()}, 2.0)
+        assert clipper.clip_().total_norm.item() == pytest.approx(expected, rel=1e-6)
+    assert clipper.backward_partials.steps_used == 1
+
+
+def _long_sharded_clip(norm_type):
+    mesh = init_device_mesh("cpu", (dist.get_world_size(),))
+    named = []
+    # Each rank's shard of the two long gradients is rows and a remainder.
+    for i, (shape, dtype) in enumerate([((3 * ROWS_FROM // 100, 100), torch.float32), ((33,), torch.float32),
+                                        ((3 * ROWS_FROM // 100, 100), torch.bfloat16)]):
+        generator = torch.Generator().manual_seed(i)
+        full = ((torch.randn(shape, generator=generator) + 0.5) * 3).to(dtype)
+        param = nn.Parameter(distribute_tensor(torch.zeros(shape, dtype=dtype), mesh, [Shard(0)]))
+        param.grad = distribute_tensor(full, mesh, [Shard(0)])
+        named.append((f"p{i}", param))
+    return clip_and_check(named, norm_type, rtol=1e-6, clipped_rtol=2**-8)
+
+
+@pytest.mark.parametrize("norm_type", [2.0, float("inf")])
+def test_long_sharded_gradients_match_the_float64_reference(ranks, norm_type):
+    assert_same_on_all_ranks(ranks(2).run(_long_sharded_clip, norm_type))
