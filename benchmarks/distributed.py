@@ -50,12 +50,16 @@ def plain_params(shapes, seed=0):
 def case_ddp(rows):
     params = plain_params(gpt2_small_shapes())  # identical on both ranks, as after DDP's all-reduce
     clipper = distclip.GradClipper(params, max_norm=1e9)
-    torch_s = timed(lambda: torch.nn.utils.clip_grad_norm_(params, 1e9, foreach=True))
-    ours = {"distclip.clip_grad_norm_": timed(lambda: distclip.clip_grad_norm_(params, 1e9)),
-            "distclip.GradClipper": timed(clipper.clip_)}
-    add(rows, "2 DDP GPT-2-small (124M fp32)", "torch local clip", torch_s, torch_s)
-    for name, seconds in ours.items():
-        add(rows, "2 DDP GPT-2-small (124M fp32)", name, seconds, torch_s)
+    medians = interleaved_medians(
+        {
+            "torch local clip": lambda: torch.nn.utils.clip_grad_norm_(params, 1e9, foreach=True),
+            "distclip.clip_grad_norm_": lambda: distclip.clip_grad_norm_(params, 1e9),
+            "distclip.GradClipper": clipper.clip_,
+        },
+        rounds=9,
+    )
+    for name, seconds in medians.items():
+        add(rows, "2 DDP GPT-2-small (124M fp32)", name, seconds, medians["torch local clip"])
 
 
 def case_fsdp2(rows, counts):

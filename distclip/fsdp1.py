@@ -15,6 +15,7 @@ layout FSDP1 builds for hybrid sharding (intra-node groups, or a ``(replicate, s
 
 from __future__ import annotations
 
+import weakref
 from typing import Iterator
 
 from torch import Tensor, nn
@@ -64,7 +65,22 @@ def units(module: nn.Module) -> Iterator[tuple[str, nn.Module]]:
             yield name, unit
 
 
+# A unit's Attribution is a function of how FSDP1 wrapped it (strategy, process groups, shard
+# layout: fixed when the unit is built) and of the topology, so it is kept per unit and not
+# redone on every step; a ``replica_group`` callable may answer differently, so not with one.
+_attributions: "weakref.WeakKeyDictionary[nn.Module, dict[Topology, Attribution]]" = weakref.WeakKeyDictionary()
+
+
 def _unit_attribution(unit: nn.Module, topology: Topology) -> Attribution:
+    if topology.replica_of is not None:
+        return _attribute_unit(unit, topology)
+    known = _attributions.setdefault(unit, {})
+    if topology not in known:
+        known[topology] = _attribute_unit(unit, topology)  # an OwnershipError is not kept
+    return known[topology]
+
+
+def _attribute_unit(unit: nn.Module, topology: Topology) -> Attribution:
     flat_param = unit._handle.flat_param
     topology = tensor_topology(flat_param, topology)
     shard_group = dist.get_process_group_ranks(unit.process_group)

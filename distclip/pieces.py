@@ -4,7 +4,9 @@ The rule.  On the CPU, a range of more than ``ROWS_FROM`` elements is viewed as 
 elements and reduced along the rows (``torch.linalg.vector_norm(block, p, dim=1)``, one call per
 block of at most ``BLOCK`` elements); what is left of it (fewer than ``ROW`` elements) and every
 shorter range go into one ``torch._foreach_norm`` call.  On other devices every range goes into
-the foreach call whole.
+the foreach call whole.  Also on the CPU, whole units of at most ``PACK_UP_TO`` elements are
+*packed*: copied together into one flat tensor (``torch._utils._flatten_dense_tensors``, one C++
+call) of at most ``ROWS_FROM`` elements, which the foreach call then takes as one input.
 
 Why rows.  torch's CPU norm kernel sums each thread's share of a tensor sequentially in float32:
 the norm of GPT-2's 38.6M-element embedding gradient comes out 2.6e-3 off the float64 value.  A
@@ -14,7 +16,10 @@ reduction spreads rows over threads instead of splitting one long sum (measured 
 machine, ``benchmarks/RESULTS.md``).  Why blocks: for bf16/fp16 gradients (and float32 ones under
 ``p < 0``, reduced in float64) torch's CPU kernel first copies its whole input to the accumulation
 dtype; a 38.6M-element copy runs at DRAM speed, 2^21-element ones stay in cache.  CUDA kernels
-reduce in a tree and upcast inside the kernel, so whole tensors are accurate there.
+reduce in a tree and upcast inside the kernel, so whole tensors are accurate there.  Why packs:
+torch's CPU foreach norm is a loop calling the norm kernel once per tensor (~1.2 us each, whatever
+its size); copying 2,000 tensors of 128 elements into one costs a third of that.  On CUDA the
+foreach kernels take many tensors per launch, so nothing is copied there.
 
 A *unit* is what a range indexes into: a gradient, or a run of adjacent gradients
 (:mod:`distclip.spans`); its flat elements ``[start, stop)`` are what the range covers.
@@ -28,50 +33,75 @@ from typing import Iterable, Sequence
 import torch
 from torch import Tensor
 
+from torch._utils import _flatten_dense_tensors
+
 from distclip.partials import PNorm, use_foreach
 
 ROW = 1 << 12
 BLOCK = 1 << 21
 ROWS_FROM = 1 << 16
+PACK_UP_TO = 1 << 12
 
 
 @dataclass(frozen=True)
 class Pieces:
     """One (device, dtype)'s ranges as kernel inputs.
 
-    ``whole``: ``(unit, start, stop, is_whole_unit)`` for the foreach call; ``blocks``:
-    ``(unit, start, rows)``, ``rows x ROW`` elements from ``start``; ``value_units``: the unit of
-    every norm :func:`piece_norms` returns, in its order (whole pieces, then each block's rows).
+    ``whole``: ``(unit, start, stop, is_whole_unit)`` for the foreach call; ``packs``: units
+    (whole) normed together as one flattened copy; ``blocks``: ``(unit, start, rows)``,
+    ``rows x ROW`` elements from ``start``; ``value_units``: the unit of every norm
+    :func:`piece_norms` returns, in its order (whole pieces, packs by their first unit, then
+    each block's rows).
     """
 
     whole: tuple[tuple[int, int, int, bool], ...]
+    packs: tuple[tuple[int, ...], ...]
     blocks: tuple[tuple[int, int, int], ...]
     value_units: tuple[int, ...]
 
     def __len__(self) -> int:
-        """How many tensors the norm kernels take: whole pieces and blocks."""
-        return len(self.whole) + len(self.blocks)
+        """How many tensors the norm kernels take: whole pieces, packs and blocks."""
+        return len(self.whole) + len(self.packs) + len(self.blocks)
 
 
-def split_ranges(ranges: Iterable[tuple[int, int, int, int]], device: torch.device) -> Pieces:
-    """``(unit, start, stop, unit numel)`` ranges -> :class:`Pieces` by the module's rule."""
+def split_ranges(
+    ranges: Iterable[tuple[int, int, int, int]], device: torch.device, keys: Sequence[object] | None = None
+) -> Pieces:
+    """``(unit, start, stop, unit numel)`` ranges -> :class:`Pieces` by the module's rule.
+
+    Units are packed together only with units of the same ``keys`` entry (e.g. the group a
+    per-group norm counts them towards)."""
     whole, blocks = [], []
-    for unit, start, stop, numel in ranges:
+    packs: dict[object, list[list[int]]] = {}  # key -> packs, the last one still filling
+    filled: dict[object, int] = {}
+    for n, (unit, start, stop, numel) in enumerate(ranges):
         rows = (stop - start) // ROW
-        if device.type != "cpu" or stop - start <= ROWS_FROM:
+        if device.type == "cpu" and start == 0 and stop == numel and 0 < numel <= PACK_UP_TO:
+            key = keys[n] if keys is not None else None
+            if key not in packs or filled[key] + numel > ROWS_FROM:
+                packs.setdefault(key, []).append([])
+                filled[key] = 0
+            packs[key][-1].append(unit)
+            filled[key] += numel
+        elif device.type != "cpu" or stop - start <= ROWS_FROM:
             whole.append((unit, start, stop, start == 0 and stop == numel))
-            continue
-        for first in range(0, rows, BLOCK // ROW):
-            blocks.append((unit, start + first * ROW, min(BLOCK // ROW, rows - first)))
-        if start + rows * ROW < stop:
-            whole.append((unit, start + rows * ROW, stop, False))
-    value_units = [unit for unit, _, _, _ in whole] + [unit for unit, _, rows in blocks for _ in range(rows)]
-    return Pieces(tuple(whole), tuple(blocks), tuple(value_units))
+        else:
+            for first in range(0, rows, BLOCK // ROW):
+                blocks.append((unit, start + first * ROW, min(BLOCK // ROW, rows - first)))
+            if start + rows * ROW < stop:
+                whole.append((unit, start + rows * ROW, stop, False))
+    packed = tuple(tuple(pack) for key_packs in packs.values() for pack in key_packs)
+    value_units = (
+        [unit for unit, _, _, _ in whole]
+        + [pack[0] for pack in packed]
+        + [unit for unit, _, rows in blocks for _ in range(rows)]
+    )
+    return Pieces(tuple(whole), packed, tuple(blocks), tuple(value_units))
 
 
 def piece_tensors(pieces: Pieces, units: Sequence[Tensor]) -> tuple[list[Tensor], list[Tensor]]:
-    """The tensors :func:`piece_norms` reduces: whole pieces (flat ranges or whole units) and
-    ``(rows, ROW)`` blocks, viewed over the current ``units``."""
+    """The tensors :func:`piece_norms` reduces: whole pieces (flat ranges or whole units), one
+    flat copy of each pack, and ``(rows, ROW)`` blocks viewed over the current ``units``."""
     flat: dict[int, Tensor] = {}  # one flattening per unit: a non-contiguous unit is copied once
 
     def flattened(unit: int) -> Tensor:
@@ -80,6 +110,7 @@ def piece_tensors(pieces: Pieces, units: Sequence[Tensor]) -> tuple[list[Tensor]
         return flat[unit]
 
     whole = [units[u] if is_whole else flattened(u)[start:stop] for u, start, stop, is_whole in pieces.whole]
+    whole += [_flatten_dense_tensors([units[u] for u in pack]) for pack in pieces.packs]
     blocks = [flattened(u)[start : start + rows * ROW].view(rows, ROW) for u, start, rows in pieces.blocks]
     return whole, blocks
 

@@ -110,17 +110,20 @@ class NormPlan:
         local: Sequence[Tensor],
         slot: Sequence[int] | None,
     ) -> _Bucket:
-        pieces = split_ranges(((i, start, stop, local[i].numel()) for i, start, stop in segments), device)
+        keys = None if slot is None else [slot[i] for i, _, _ in segments]
+        pieces = split_ranges(((i, start, stop, local[i].numel()) for i, start, stop in segments), device, keys)
         group_ids = None if slot is None else torch.tensor([slot[i] for i in pieces.value_units], device=device)
         supported = _has_foreach_support([local[i] for i, _, _ in segments], device)
         bucket = _Bucket(device, dtype, pieces, group_ids, supported)
-        runs = find_runs(segments, local, None if slot is None else [slot[index] for index, _, _ in segments])
+        runs = find_runs(segments, local, keys)
         if runs is not None:
             bucket.runs = runs
-            bucket.run_pieces = split_ranges(((r, 0, length, length) for r, (_, _, length) in enumerate(runs.runs)), device)
-            if slot is not None:  # a run's pieces share one group: its first gradient's
-                run_slots = [slot[runs.runs[r][0]] for r in bucket.run_pieces.value_units]
-                bucket.run_group_ids = torch.tensor(run_slots, device=device)
+            # A run's pieces share one group: its first gradient's.
+            run_keys = None if slot is None else [slot[anchor] for anchor, _, _ in runs.runs]
+            run_ranges = ((r, 0, length, length) for r, (_, _, length) in enumerate(runs.runs))
+            bucket.run_pieces = split_ranges(run_ranges, device, run_keys)
+            if run_keys is not None:
+                bucket.run_group_ids = torch.tensor([run_keys[r] for r in bucket.run_pieces.value_units], device=device)
         return bucket
 
     def local_tensors(self, grads: Sequence[Tensor]) -> list[Tensor]:

@@ -91,6 +91,10 @@ def find_runs(pieces: Sequence[Piece], local: Sequence[Tensor], keys: Sequence[o
         end = (storage, key, first + stop - start)
     if all(len(run) == 1 for run in runs):
         return None
+    # In the pieces' order, not memory order: where separate storages lie is up to the
+    # allocator, and the norm of packed runs (distclip.pieces) depends on their order by a
+    # rounding, so that the same model gets the same bits in every process.
+    runs.sort(key=min)
     spans, members, offsets, member_runs = [], [], [], []
     for r, run in enumerate(runs):
         anchor, anchor_start, _ = pieces[run[0]]

@@ -1,5 +1,6 @@
-"""Long CPU ranges are reduced as rows (distclip.pieces): each row counted once, towards its own
-gradient's group, on every path that takes norms (foreach or not, plan or overlap, sharded)."""
+"""Long CPU ranges are reduced as rows and small CPU tensors packed (distclip.pieces): each row
+and each packed tensor counted once, towards its own gradient's group, on every path that takes
+norms (foreach or not, plan or overlap, sharded)."""
 
 import pytest
 import torch
@@ -9,7 +10,7 @@ from torch.distributed.device_mesh import init_device_mesh
 from torch.distributed.tensor import Shard, distribute_tensor
 
 import distclip
-from distclip.pieces import BLOCK, ROW, ROWS_FROM, split_ranges
+from distclip.pieces import BLOCK, PACK_UP_TO, ROW, ROWS_FROM, split_ranges
 from models import NORM_TYPES
 from reference import assert_close_norm, assert_same_on_all_ranks, clip_and_check, reference_norm
 
@@ -35,9 +36,20 @@ def test_a_long_cpu_range_becomes_blocks_of_rows_and_a_whole_remainder():
     assert pieces.value_units == (0, 1) + (0,) * rows
 
 
+def test_small_whole_cpu_units_are_packed_by_key_up_to_rows_from_elements():
+    small = PACK_UP_TO
+    ranges = [(u, 0, small, small) for u in range(ROWS_FROM // small + 1)] + [(99, 0, 5, 5), (7, 0, 3, 10)]
+    keys = [0] * (len(ranges) - 2) + [1, 0]
+    pieces = split_ranges(ranges, torch.device("cpu"), keys)
+    full = tuple(range(ROWS_FROM // small))
+    assert pieces.packs == (full, (ROWS_FROM // small,), (99,))  # a full pack, the next, another key
+    assert pieces.whole == ((7, 0, 3, False),)  # part of a unit: never packed
+    assert pieces.value_units == (7, 0, ROWS_FROM // small, 99)
+
+
 def test_ranges_on_other_devices_stay_whole():
-    pieces = split_ranges([(0, 0, LONG, LONG)], torch.device("meta"))
-    assert pieces.whole == ((0, 0, LONG, True),) and pieces.blocks == ()
+    pieces = split_ranges([(0, 0, LONG, LONG), (1, 0, 5, 5)], torch.device("meta"))
+    assert pieces.whole == ((0, 0, LONG, True), (1, 0, 5, True)) and pieces.blocks == pieces.packs == ()
 
 
 @pytest.mark.parametrize("norm_type", NORM_TYPES)

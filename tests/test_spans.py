@@ -12,6 +12,7 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 import distclip
 from distclip.pieces import ROW
 from distclip.plan import NormPlan
+from distclip.plancache import clear_plans
 from distclip.topology import resolve_topology
 from models import NORM_TYPES, backward, batch, build
 from reference import assert_same_on_all_ranks, clip_and_check
@@ -146,3 +147,21 @@ def test_ddp_bucket_view_gradients_are_exact_and_merged(ranks, norm_type):
     assert_same_on_all_ranks(results)
     for result in results:
         assert 0 < sum(result["runs"]) < sum(result["pieces"]), result
+
+
+def test_the_norm_does_not_depend_on_where_the_runs_lie_in_memory():
+    # The same gradients as two runs, the runs in either order in their buffer: the norm must
+    # come out with the same bits (the packed runs are summed in float32, so order could show).
+    a = torch.full((100,), 1e-3)
+    a[0] = 4096.0
+    b = torch.full((100,), 0.37)
+    assert not torch.equal(torch.linalg.vector_norm(torch.cat([a, b])), torch.linalg.vector_norm(torch.cat([b, a])))
+    norms = []
+    for a_first in (True, False):
+        buffer = torch.cat([a, torch.zeros(1), b]) if a_first else torch.cat([b, torch.zeros(1), a])
+        a_at, b_at = (0, 101) if a_first else (101, 0)
+        grads = [buffer[a_at : a_at + 50], buffer[a_at + 50 : a_at + 100], buffer[b_at : b_at + 50], buffer[b_at + 50 : b_at + 100]]
+        assert len(NormPlan(grads, resolve_topology()).buckets[0].runs.runs) == 2
+        clear_plans()  # a plan of its own for each layout, as two processes would make
+        norms.append(distclip.get_total_norm(grads))
+    assert torch.equal(norms[0], norms[1]), norms
