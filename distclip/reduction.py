@@ -15,6 +15,7 @@ locally, in the same order, with the same bits.  (That block grows with the grou
 rank and norm, 128 KiB at 16,384 ranks, for the inf norms only.)  A NaN is replaced by 0 before
 sending and restored from its flag after; flags are 0/1 and their sums count.
 ``k`` is 1 for the functional API and 1 + number of groups when per-group norms ride along.
+A group of one rank sends nothing, so its partials are not encoded at all (``_reduce_alone``).
 ``extra`` is any other float64 vector the caller wants summed over the group in the same
 collective (the clipper's loss sum and loss count); a NaN in it stays in its own entry.
 """
@@ -66,8 +67,10 @@ def all_reduce_partials(
     ``partials`` is a float64 vector of k entries on the reduction device, ``copy_check`` this
     rank's contribution to the copy check (see :mod:`distclip.copycheck`), ``extra`` a float64
     vector summed as it is (same length on every rank).  Without a process group nothing is
-    communicated and the same decoding applies.
+    communicated and nothing encoded: the outcome is the same.
     """
+    if not topology.communicates:
+        return _reduce_alone(partials, has_elements, local_problems, pnorm, extra)
     k = partials.numel()
     device = partials.device
     nan = partials.isnan()
@@ -83,8 +86,7 @@ def all_reduce_partials(
     if extra is not None:  # the functional API sends none: its vector stays as it was
         parts.append(extra.to(device, torch.float64))
     vector = torch.cat(parts)
-    if topology.communicates:
-        dist.all_reduce(vector, op=dist.ReduceOp.SUM, group=topology.process_group)
+    dist.all_reduce(vector, op=dist.ReduceOp.SUM, group=topology.process_group)
 
     sizes = [values.numel(), k, k, len(LOCAL_PROBLEMS), copy_check.numel()] + [part.numel() for part in parts[4:]]
     values, nan_flags, presence, problem_flags, check, *extra_sum = vector.split(sizes)
@@ -102,6 +104,26 @@ def all_reduce_partials(
 
     problems = _problems_read_on_host(problem_flags, differ) if device.type == "cpu" else None
     return Reduced(norms, invalid, problems, extra_sum[0] if extra_sum else None)
+
+
+def _reduce_alone(
+    partials: Tensor,
+    has_elements: list[bool],
+    local_problems: dict[Problem, str],
+    pnorm: PNorm,
+    extra: Tensor | None,
+) -> Reduced:
+    """The reduction of a group of one (or no process group): the encoded path's outcome without
+    the encoding, which exists only to send.  A NaN partial gives a NaN norm by itself; no copy
+    can differ with no other rank; the problems are this rank's, known on the host."""
+    values = partials
+    if not all(has_elements):  # -inf norm of no element at all: 0, as in the encoded path
+        present = torch.tensor(has_elements, device=partials.device)
+        values = torch.where(present, partials, torch.zeros_like(partials))
+    norms = pnorm.finish(values)  # with problems these are never seen: raise_problems raises
+    invalid = torch.tensor(bool(local_problems), device=partials.device)
+    problems = [p for p in LOCAL_PROBLEMS if p in local_problems]
+    return Reduced(norms, invalid, problems, None if extra is None else extra.to(partials.device, torch.float64))
 
 
 def _problems_read_on_host(problem_flags: Tensor, differ: Tensor) -> list[Problem]:

@@ -476,3 +476,13 @@ def _bad_loss_on_one_rank(bad):
 @pytest.mark.parametrize("bad", ["vector", "integer", "float"])
 def test_bad_loss_on_one_rank_raises_on_every_rank(ranks, bad):
     assert ranks(2).run(_bad_loss_on_one_rank, bad) == [True, True]
+
+
+def test_bad_loss_without_a_process_group_raises_and_modifies_nothing():
+    model = build()
+    clipper = distclip.GradClipper(model, max_norm=1e-3)
+    backward(model, batch(0))
+    before = [p.grad.clone() for p in model.parameters()]
+    with pytest.raises(ValueError, match="`loss` must be None or a 0-dim floating-point tensor"):
+        clipper.clip_(loss=torch.ones(2))
+    assert all(torch.equal(p.grad, b) for p, b in zip(model.parameters(), before)), "gradients were modified"
