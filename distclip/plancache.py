@@ -16,7 +16,13 @@ of many small tensors.  So plans are kept, keyed by everything a plan is a funct
 Not the parameters' identity or the gradients' values: two calls with equal keys get equal plans
 whatever tensors they hold, so a swapped ``.grad``, a re-created model or a new parameter at a
 freed one's address is planned exactly as a fresh call would plan it.  Nothing is kept alive but
-process groups (meshes are keyed by id and their plans dropped when they are freed).  Planning
+process groups (meshes are keyed by id and their plans dropped when they are freed).
+
+When every gradient is a DTensor (FSDP2, tensor parallel), a second, cheaper key is tried
+first: the gradients' DTensorSpecs by identity (each one dropping its entries when freed, as
+meshes do) and their local tensors' layout, all from C-level maps.  FSDP2 gives every step's
+gradient of a parameter the same spec, so from the second step on the per-gradient layout key
+above (a Python function per gradient) is not computed at all.  Planning
 communicates nothing, so a rank hitting the cache while another misses changes nothing that is
 sent.  The one layout change the key does not see is an
 in-place reshape keeping element count and number of dims (only ``.data`` assignment or
@@ -33,6 +39,7 @@ from typing import Hashable, Mapping, Sequence
 from torch import Tensor
 from torch.distributed.device_mesh import DeviceMesh
 from torch.distributed.tensor import DTensor
+from torch.distributed.tensor._dtensor_spec import DTensorSpec
 
 from distclip.ownership import Attribution, OwnershipError
 from distclip.plan import NormPlan
@@ -42,8 +49,12 @@ from distclip.topology import Topology, current_accelerator
 MAX_PLANS = 16
 
 _plans: dict[Hashable, tuple[NormPlan, list[weakref.ref]]] = {}
+# The same plans again, keyed by the identity of DTensor gradients' specs (see _specs_key).
+_by_specs: dict[Hashable, tuple[NormPlan, list[weakref.ref]]] = {}
 _dtype = operator.attrgetter("dtype")
 _device = operator.attrgetter("device")
+_spec = operator.attrgetter("_spec")
+_local = operator.attrgetter("_local_tensor")
 
 
 def cached_plan(
@@ -53,27 +64,68 @@ def cached_plan(
     keys: Sequence[Tensor] | None = None,
 ) -> NormPlan:
     """The NormPlan for ``grads`` (arguments as for :class:`NormPlan`), reused across calls."""
+    by_specs = _specs_key(grads, topology, known)
+    if by_specs is not None:
+        entry = _by_specs.get(by_specs[0])
+        if entry is not None:
+            return entry[0]
     key, meshes = _plan_key(grads, topology, known, keys)
     try:
         entry = None if key is None else _plans.get(key)
     except TypeError:  # a replica_group callable returned something unhashable: the plan reports it
         key = entry = None
     if entry is not None:
-        return entry[0]
-    plan = NormPlan(grads, topology, known, keys=keys)
-    if key is not None and not plan.problems:
-        # Meshes are in the key by id and not kept alive (they hold the user's process groups):
-        # when one is freed its plans go, so a new mesh at its address cannot match them.
-        forget = lambda _, key=key: _plans.pop(key, None)  # noqa: E731
-        _plans[key] = (plan, [weakref.ref(mesh, forget) for mesh in meshes])
-        if len(_plans) > MAX_PLANS:  # the oldest goes (hashing a key again to keep LRU order costs)
-            del _plans[next(iter(_plans))]
+        plan = entry[0]
+    else:
+        plan = NormPlan(grads, topology, known, keys=keys)
+        if key is None or plan.problems:
+            return plan
+        _remember(_plans, key, meshes, plan)
+    if by_specs is not None:
+        _remember(_by_specs, *by_specs, plan)
     return plan
+
+
+def _remember(cache: dict, key: Hashable, referents: Sequence[object], plan: NormPlan) -> None:
+    """``cache[key] = plan`` until one of ``referents`` is freed: they are in ``key`` by id and
+    not kept alive (a mesh holds the user's process groups), so a new object at a freed one's
+    address cannot match.  At most MAX_PLANS entries: the oldest goes (hashing a key again to
+    keep LRU order costs)."""
+    forget = lambda _, key=key: cache.pop(key, None)  # noqa: E731
+    cache[key] = (plan, [weakref.ref(referent, forget) for referent in referents])
+    if len(cache) > MAX_PLANS:
+        del cache[next(iter(cache))]
 
 
 def clear_plans() -> None:
     """Forget every cached plan (and the process groups and meshes they hold)."""
     _plans.clear()
+    _by_specs.clear()
+
+
+def _specs_key(
+    grads: Sequence[Tensor], topology: Topology, known: Mapping[int, Attribution | OwnershipError] | None
+) -> tuple[Hashable, list[DTensorSpec]] | None:
+    """A cheaper key when every gradient is a DTensor (FSDP2, tensor parallel): their specs by
+    identity, with their local tensors' layout, all from C-level maps.  A spec stands for its
+    mesh, placements and global shape because torch never changes one in place (a DTensor whose
+    layout changes gets a new spec; FSDP2 gives every step's gradient of a parameter the same
+    one).  None where it does not apply (plain tensors, FSDP1, a ``replica_group`` callable)."""
+    if not grads or known or topology.replica_of is not None or set(map(type, grads)) != {DTensor}:
+        return None
+    specs = list(map(_spec, grads))
+    local = list(map(_local, grads))
+    key = (
+        topology,
+        current_accelerator(),
+        tuple(map(id, specs)),
+        tuple(map(Tensor.numel, local)),
+        tuple(map(Tensor.dim, local)),
+        tuple(map(_dtype, local)),
+        tuple(map(_device, local)),
+        tuple(map(type, local)),
+    )
+    return key, list({id(spec): spec for spec in specs}.values())
 
 
 def _plan_key(

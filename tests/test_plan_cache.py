@@ -10,6 +10,7 @@ import torch.distributed as dist
 from torch import nn
 from torch.distributed.device_mesh import init_device_mesh
 from torch.distributed.fsdp import FullyShardedDataParallel, ShardingStrategy
+from torch.distributed.tensor import DTensor, Replicate, Shard, distribute_tensor
 
 import distclip
 from distclip import plancache
@@ -166,3 +167,64 @@ def _fsdp1_equal_sizes_other_copies():
 def test_fsdp1_units_of_equal_sizes_but_other_copies_get_their_own_plan(ranks):
     per_rank = ranks(2).run(_fsdp1_equal_sizes_other_copies)
     assert all(norms == per_rank[0] for norms in per_rank)
+
+
+def _fsdp2_steps_reuse_the_plan_by_spec():
+    model = shard_layers(build())
+    results, specs = [], []
+    for step in range(3):
+        model.zero_grad(set_to_none=True)
+        backward(model, batch(dist.get_rank(), seed=step))
+        specs.append([p.grad._spec for p in model.parameters()])
+        if step == 2:  # the plan must now come from the specs alone
+            real_plan_key, plancache._plan_key = plancache._plan_key, None
+        try:
+            results.append(clip_and_check(model.named_parameters(), 2.0))
+        finally:
+            if step == 2:
+                plancache._plan_key = real_plan_key
+    # FSDP2 gives every step's gradient of a parameter the same spec: what the key relies on.
+    assert all(a is b for a, b in zip(specs[0], specs[2]))
+    return results
+
+
+def test_fsdp2_steps_reuse_the_plan_found_by_their_gradients_specs(ranks):
+    per_rank = ranks(2).run(_fsdp2_steps_reuse_the_plan_by_spec)
+    for step in range(3):
+        assert_same_on_all_ranks([results[step] for results in per_rank])
+
+
+def _dtensor_grads_with_new_specs():
+    mesh = init_device_mesh("cpu", (dist.get_world_size(),))
+    params = [nn.Parameter(distribute_tensor(torch.zeros(8, 4), mesh, [Shard(0)])) for _ in range(3)]
+    results = []
+    for step, placement in enumerate([Shard(0), Replicate(), Shard(1)]):
+        generator = torch.Generator().manual_seed(step)
+        for p in params:  # new specs with other placements, maybe where the freed ones were
+            p.grad = distribute_tensor(torch.randn(8, 4, generator=generator), mesh, [placement])
+        gc.collect()
+        results.append(clip_and_check([(f"p{i}", p) for i, p in enumerate(params)], 2.0))
+        results.append(clip_and_check([(f"p{i}", p) for i, p in enumerate(params)], math.inf))
+    return results
+
+
+def test_dtensor_gradients_with_new_specs_get_their_own_plan(ranks):
+    per_rank = ranks(2).run(_dtensor_grads_with_new_specs)
+    for step in range(6):
+        assert_same_on_all_ranks([results[step] for results in per_rank])
+
+
+def _plans_by_spec_go_with_their_specs():
+    mesh = init_device_mesh("cpu", (dist.get_world_size(),))
+    grads = [DTensor.from_local(torch.randn(4, 4), mesh, [Shard(0)]) for _ in range(3)]
+    plancache.clear_plans()
+    distclip.get_total_norm(grads)
+    entries = len(plancache._by_specs)
+    del grads
+    gc.collect()
+    # A new spec at a freed one's address must not find the freed one's plan.
+    return entries, len(plancache._by_specs)
+
+
+def test_plans_found_by_specs_are_forgotten_when_a_spec_is_freed(ranks):
+    assert ranks(2).run(_plans_by_spec_go_with_their_specs) == [(1, 0), (1, 0)]
