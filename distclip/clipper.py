@@ -112,8 +112,9 @@ class GradClipper:
         self.topology = resolve_topology(group, replica_group)
         self.module = model_or_params if isinstance(model_or_params, nn.Module) else None
         self.params = list(model_or_params.parameters() if self.module is not None else model_or_params)
-        self._fsdp1 = self.module is not None and fsdp1.has_units(self.module)
-        if groups is not None and self._fsdp1:
+        is_fsdp1 = self.module is not None and fsdp1.has_units(self.module)
+        self._fsdp1_gradients = fsdp1.ModuleGradients(self.module) if is_fsdp1 else None
+        if groups is not None and is_fsdp1:
             raise ValueError("distclip: per-group norms are not supported for FSDP1 flat parameters")
         self._groups_spec = groups
         self.group_names: list[str] = []
@@ -125,7 +126,7 @@ class GradClipper:
         self._plan_key: object = None
         self._param_index_of_grad: list[int] = []
         self.backward_partials: BackwardPartials | None = None
-        if overlap and self._fsdp1:
+        if overlap and is_fsdp1:
             warnings.warn("distclip: overlap=True has no effect on FSDP1 models (FSDP1 runs no gradient hooks)")
         elif overlap:
             self.backward_partials = BackwardPartials(self.params, self.pnorm, foreach, ddp=self.module)
@@ -169,8 +170,8 @@ class GradClipper:
     def _current(self) -> tuple[list[Tensor], NormPlan]:
         """This step's gradients and the plan for them, rebuilt only when the set of
         parameters with gradients changed (a local check: every rank rebuilds alike)."""
-        if self._fsdp1:
-            grads, known, keys = fsdp1.module_gradients(self.module, self.topology)
+        if self._fsdp1_gradients is not None:
+            grads, known, keys = self._fsdp1_gradients(self.topology)
             key: object = len(grads)
             group_of = None
         else:
@@ -188,7 +189,7 @@ class GradClipper:
                 _, known, keys = _gradients([p for p in self.params if p.grad is not None], self.topology)
             self._plan = NormPlan(grads, self.topology, known, group_of, len(self.group_names), keys)
             self._plan_key = key
-            if not self._fsdp1:
+            if self._fsdp1_gradients is None:
                 self._param_index_of_grad = [i for i, p in enumerate(self.params) if p.grad is not None]
         return grads, self._plan
 

@@ -124,29 +124,47 @@ def has_units(module: nn.Module) -> bool:
     )
 
 
+class ModuleGradients:
+    """The gradients of an FSDP1 model, found every step from what is found once.
+
+    FSDP1 fixes a model's units (and so which parameters it does not manage: ignored modules)
+    when it wraps it, so the units and the unmanaged parameters are listed at construction;
+    calling the object reads their current gradients (a unit without one is left out)."""
+
+    def __init__(self, module: nn.Module) -> None:
+        self.units = [unit for _, unit in units(module)]
+        managed: set[int] = set()
+        for unit in self.units:
+            managed |= managed_ids(unit._handle.flat_param)
+        self.unmanaged = [p for p in module.parameters() if id(p) not in managed]
+
+    def __call__(
+        self, topology: Topology
+    ) -> tuple[list[Tensor], dict[int, Attribution | OwnershipError], list[Tensor]]:
+        """Each unit's flat gradient (scaling it scales the ``use_orig_params=True`` views too),
+        then the unmanaged parameters' plain gradients.  Returns the gradients, the units'
+        Attributions by index (an OwnershipError stands in for a unit that cannot be
+        attributed) and the parameters the gradients belong to (FlatParameters for the units)."""
+        grads: list[Tensor] = []
+        known: dict[int, Attribution | OwnershipError] = {}
+        params: list[Tensor] = []
+        for unit in self.units:
+            flat_param = unit._handle.flat_param
+            if flat_param.grad is None:
+                continue
+            try:
+                known[len(grads)] = _unit_attribution(unit, topology)
+            except OwnershipError as error:
+                known[len(grads)] = error
+            grads.append(flat_param.grad)
+            params.append(flat_param)
+        params.extend(p for p in self.unmanaged if p.grad is not None)
+        grads.extend(p.grad for p in params[len(grads) :])
+        return grads, known, params
+
+
 def module_gradients(
     module: nn.Module, topology: Topology
 ) -> tuple[list[Tensor], dict[int, Attribution | OwnershipError], list[Tensor]]:
-    """Every gradient of an FSDP1 model: each unit's flat gradient (scaling it scales the
-    ``use_orig_params=True`` views too), then the parameters FSDP1 does not manage (ignored
-    modules), which are plain tensors.  Returns the gradients, the units' Attributions by
-    index (an OwnershipError stands in for a unit that cannot be attributed) and the
-    parameters the gradients belong to (FlatParameters for the units)."""
-    grads: list[Tensor] = []
-    known: dict[int, Attribution | OwnershipError] = {}
-    params: list[Tensor] = []
-    managed: set[int] = set()
-    for _, unit in units(module):
-        flat_param = unit._handle.flat_param
-        managed |= managed_ids(flat_param)
-        if flat_param.grad is None:
-            continue
-        try:
-            known[len(grads)] = _unit_attribution(unit, topology)
-        except OwnershipError as error:
-            known[len(grads)] = error
-        grads.append(flat_param.grad)
-        params.append(flat_param)
-    params.extend(p for p in module.parameters() if id(p) not in managed and p.grad is not None)
-    grads.extend(p.grad for p in params[len(grads) :])
-    return grads, known, params
+    """Every gradient of an FSDP1 model now: see :class:`ModuleGradients`."""
+    return ModuleGradients(module)(topology)
