@@ -16,7 +16,7 @@ import torch
 import distclip
 import statistics
 
-from timing import copy_bandwidth, gpt2_small_shapes, interleaved_seconds, median_seconds
+from timing import copy_bandwidth, gpt2_small_shapes, interleaved_seconds
 
 
 def per_tensor_loop(params, max_norm):
@@ -61,8 +61,10 @@ def main() -> None:
             p.grad = torch.randn(numel, device=device)
         nbytes = 150 * numel * 4
         clipper = distclip.GradClipper(params, max_norm=1e9)
-        torch_s = median_seconds(lambda: torch.nn.utils.clip_grad_norm_(params, 1e9, foreach=True))
-        ours_s = median_seconds(clipper.clip_)
+        times = interleaved_seconds(
+            {"torch": lambda: torch.nn.utils.clip_grad_norm_(params, 1e9, foreach=True), "distclip": clipper.clip_}, rounds=9
+        )
+        torch_s, ours_s = statistics.median(times["torch"]), statistics.median(times["distclip"])
         sweep.append({"grad_bytes": nbytes, "torch_ms": torch_s * 1e3, "distclip_ms": ours_s * 1e3,
                       "floor_ms": 3 * nbytes / bandwidth * 1e3})
     print(f"device {device}, copy bandwidth {bandwidth / 1e9:.1f} GB/s")

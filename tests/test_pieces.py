@@ -61,6 +61,21 @@ def test_long_gradients_give_the_float64_norm_with_and_without_foreach(norm_type
     assert_close_norm(total.item(), reference_norm(before, norm_type), norm_type, rtol=1e-6)
 
 
+@pytest.mark.parametrize(
+    "make",
+    # Views that leave out elements of their storage (set to 1e3, so counting one would show):
+    # every other column, transposed (not contiguous); all but the first 3 (at an offset).
+    [lambda t: t[: 2 * LONG // 200 * 200].view(-1, 100)[:, ::2].t(), lambda t: t[3 : LONG + 3]],
+    ids=["strided", "offset"],
+)
+def test_long_gradients_that_are_views_give_the_float64_norm(make):
+    storage = torch.full((2 * LONG,), 1e3)
+    grad = make(storage)
+    grad.copy_(torch.randn(grad.shape, generator=torch.Generator().manual_seed(1)) + 0.5)
+    total = distclip.get_total_norm([grad])
+    assert total.item() == pytest.approx(torch.linalg.vector_norm(grad.double()).item(), rel=1e-6)
+
+
 @pytest.mark.parametrize("norm_type", [2.0, 1.0, float("inf"), 0.0])
 def test_rows_count_towards_their_own_gradients_group(norm_type):
     params = _params([(LONG,), (40, 40), (ROWS_FROM * 2,), (7,)])
