@@ -80,13 +80,13 @@ def case_fsdp2(rows, counts):
                 "distclip.clip_grad_norm_": lambda: distclip.clip_grad_norm_(params, 1e9),
                 "distclip.GradClipper": clipper.clip_,
             },
-            rounds=9 if count <= 2000 else 3,
+            rounds=25 if count <= 2000 else 3,
         )
         for name, seconds in medians.items():
             add(rows, f"3 FSDP2 shards, {count} params", name, seconds, medians["torch clip + full_tensor()"])
 
 
-def interleaved_medians(cases, rounds=15, warmup=2):
+def interleaved_medians(cases, rounds=25, warmup=2):
     """Median seconds of each case, every round running each once after a barrier (on rank 0)."""
     times = {name: [] for name in cases}
     for round_ in range(warmup + rounds):

@@ -57,8 +57,10 @@ def _gradients(
     params = [p for p, g in zip(candidates, all_grads) if g is not None]
     grads = [g for g in all_grads if g is not None]
     known: dict[int, Attribution | OwnershipError] = {}
-    # FlatParameters are nn.Parameters by type (FlatParameter.__new__): only a flag tells.
-    for index in [i for i, is_flat in enumerate(map(fsdp1.is_flat_param, params)) if is_flat]:
+    # FlatParameters are nn.Parameters by type (FlatParameter.__new__): only a flag tells, and
+    # reading a missing flag costs; a DTensor is never one.
+    may_be_flat = set(map(type, params)) != {DTensor}
+    for index in [i for i, is_flat in enumerate(map(fsdp1.is_flat_param, params)) if is_flat] if may_be_flat else []:
         try:
             known[index] = fsdp1.flat_param_attribution(params[index], topology)
         except OwnershipError as error:

@@ -1,4 +1,4 @@
-"""Norm-kernel inputs: owned ranges as whole tensors for one foreach call, or, on the CPU, as rows.
+"""Norm-kernel inputs: owned ranges whole in one foreach call or, on the CPU, as rows and packs.
 
 The rule.  On the CPU, a range of more than ``ROWS_FROM`` elements is viewed as rows of ``ROW``
 elements and reduced along the rows (``torch.linalg.vector_norm(block, p, dim=1)``, one call per
@@ -32,7 +32,6 @@ from typing import Iterable, Sequence
 
 import torch
 from torch import Tensor
-
 from torch._utils import _flatten_dense_tensors
 
 from distclip.partials import PNorm, use_foreach
