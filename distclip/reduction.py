@@ -22,6 +22,7 @@ collective (the clipper's loss sum and loss count); a NaN in it stays in its own
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 
 import torch
@@ -82,7 +83,7 @@ def all_reduce_partials(
         block[topology.group_ranks.index(topology.rank)] = values
         values = block.reshape(-1)
     flags = [float(f) for f in has_elements] + [float(p in local_problems) for p in LOCAL_PROBLEMS]
-    parts = [values, nan.to(torch.float64), torch.tensor(flags, dtype=torch.float64, device=device), copy_check.to(device)]
+    parts = [values, nan.to(torch.float64), _constant(tuple(flags), torch.float64, device), copy_check.to(device)]
     if extra is not None:  # the functional API sends none: its vector stays as it was
         parts.append(extra.to(device, torch.float64))
     vector = torch.cat(parts)
@@ -118,12 +119,19 @@ def _reduce_alone(
     can differ with no other rank; the problems are this rank's, known on the host."""
     values = partials
     if not all(has_elements):  # -inf norm of no element at all: 0, as in the encoded path
-        present = torch.tensor(has_elements, device=partials.device)
+        present = _constant(tuple(has_elements), torch.bool, partials.device)
         values = torch.where(present, partials, torch.zeros_like(partials))
     norms = pnorm.finish(values)  # with problems these are never seen: raise_problems raises
-    invalid = torch.tensor(bool(local_problems), device=partials.device)
+    invalid = _constant(bool(local_problems), torch.bool, partials.device)
     problems = [p for p in LOCAL_PROBLEMS if p in local_problems]
     return Reduced(norms, invalid, problems, None if extra is None else extra.to(partials.device, torch.float64))
+
+
+@functools.lru_cache(maxsize=256)
+def _constant(values: tuple | bool, dtype: torch.dtype, device: torch.device) -> Tensor:
+    """``values`` as a tensor on ``device``, made once and only ever read.  Made from host values
+    on every step it would be a host-to-device copy, which PyTorch makes wait for the device."""
+    return torch.tensor(values, dtype=dtype, device=device)
 
 
 def _problems_read_on_host(problem_flags: Tensor, differ: Tensor) -> list[Problem]:

@@ -78,13 +78,24 @@ def collectives():
 class NoHostSync(TorchDispatchMode):
     """Fails on any read of a tensor's value by the host (``.item()``, ``bool()``, ``tolist()``),
     which on an accelerator makes the host wait for the device.  The CPU-only read of the
-    reduction's problem flags is the one exception: it is skipped on accelerators."""
+    reduction's problem flags is the one exception: it is skipped on accelerators.
+
+    ``host_data=True`` also fails on a tensor made from host values (``torch.tensor(...)``,
+    seen as ``aten.lift_fresh``): on an accelerator that is a host-to-device copy, which
+    PyTorch makes wait for the device's stream.  Planning makes such tensors once; a step with
+    a plan already made must not."""
+
+    def __init__(self, host_data: bool = False) -> None:
+        super().__init__()
+        self.host_data = host_data
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         if func is torch.ops.aten._local_scalar_dense.default and not any(
             frame.name == "_problems_read_on_host" for frame in traceback.extract_stack()
         ):
             raise AssertionError("a host sync: " + "".join(traceback.format_stack(limit=12)))
+        if self.host_data and func is torch.ops.aten.lift_fresh.default:
+            raise AssertionError("a tensor made from host values: " + "".join(traceback.format_stack(limit=12)))
         return func(*args, **(kwargs or {}))
 
 

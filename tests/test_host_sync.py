@@ -25,9 +25,9 @@ def _default_paths_never_sync(kind, norm_type):
         extra.grad = torch.full((3,), 0.5)
         params.append(extra)
     clipper = distclip.GradClipper(params, max_norm=0.1, norm_type=norm_type, groups={"first": params[:2]})
-    for _ in range(2):  # the first call plans, the second reuses the plan
+    for step in range(2):  # the first call plans, the second reuses the plan
         backward(model, batch(dist.get_rank()))
-        with NoHostSync():
+        with NoHostSync(host_data=step > 0):
             norm = distclip.clip_grad_norm_(params, 0.1, norm_type)
             total = distclip.get_total_norm([p.grad for p in params], norm_type)
             distclip.clip_grads_with_norm_(params, 0.1, total)
@@ -41,3 +41,18 @@ def _default_paths_never_sync(kind, norm_type):
 def test_default_paths_never_wait_for_the_device(ranks, kind, norm_type):
     per_rank = ranks(2).run(_default_paths_never_sync, kind, norm_type)
     assert per_rank[0] == per_rank[1]
+
+
+@pytest.mark.parametrize("norm_type", [2.0, math.inf, -math.inf])
+def test_default_paths_without_a_process_group_never_wait_for_the_device(norm_type):
+    model = build()
+    params = list(model.parameters())
+    clipper = distclip.GradClipper(params, max_norm=0.1, norm_type=norm_type, groups={"first": params[:2], "last": params[-1:]})
+    for step in range(2):  # the first call plans, the second reuses the plan
+        backward(model, batch(0))
+        params[-1].grad = None  # a parameter without a gradient: a group with nothing present
+        with NoHostSync(host_data=step > 0):
+            distclip.clip_grad_norm_(params, 0.1, norm_type)
+            distclip.clip_grads_with_norm_(params, 0.1, distclip.get_total_norm([p.grad for p in params[:-1]], norm_type))
+            clipper.clip_()
+        model.zero_grad()
