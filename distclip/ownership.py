@@ -185,6 +185,8 @@ class Attribution:
 
 def attribute(grad: Tensor, topology: Topology) -> Attribution:
     """The Attribution of a DTensor or plain gradient.  Raises OwnershipError."""
+    if local_tensor(grad).layout != torch.strided:
+        raise OwnershipError(Problem.NOT_DENSE, f"layout {local_tensor(grad).layout}")
     if isinstance(grad, DTensor):
         return Attribution(_dtensor_copy_set(grad.device_mesh, tuple(grad.placements), topology))
     return Attribution(topology.replica_ranks)

@@ -38,6 +38,11 @@ class Problem(enum.Enum):
         "group> (a one-rank group without data parallelism). Gradients not yet synchronized "
         "(no_sync, gradient accumulation)? clip after the synchronizing backward"
     )
+    NOT_DENSE = (
+        "a gradient is not a dense (strided) tensor, e.g. the sparse gradient of "
+        "nn.Embedding(sparse=True); torch's norm kernels take dense tensors only (torch's own "
+        "clip_grad_norm_ fails on it too): use a dense gradient for that parameter"
+    )
     INVALID_LOSS = "`loss` must be None or a 0-dim floating-point tensor (this rank's loss)"
     UNKNOWN_CORRESPONDENCE = (
         "cannot tell which ranks hold copies of a DTensor gradient: `replica_group` reaches ranks "

@@ -84,6 +84,25 @@ def test_partial_gradient_raises_on_every_rank(ranks, everywhere):
     ranks(2).run(_partial_on_some_ranks, everywhere)
 
 
+def _sparse_gradient_on_one_rank():
+    # Rank 1 alone holds a sparse gradient (a pipeline stage with an nn.Embedding(sparse=True)).
+    params = _params(dist.get_rank())
+    if dist.get_rank() == 1:
+        embedding = nn.Embedding(10, 4, sparse=True)
+        embedding(torch.tensor([1, 2, 2])).sum().backward()
+        params.append(embedding.weight)
+    before = [p.grad.clone() for p in params]
+    alone, _ = dist.new_subgroups(group_size=1)  # no copies across the ranks
+    with pytest.raises(ValueError, match="not a dense"):
+        distclip.clip_grad_norm_(params, 0.1, replica_group=alone)
+    for p, b in zip(params, before):
+        torch.testing.assert_close(p.grad.to_dense(), b.to_dense(), rtol=0, atol=0)
+
+
+def test_a_sparse_gradient_on_one_rank_raises_on_every_rank(ranks):
+    ranks(2).run(_sparse_gradient_on_one_rank)
+
+
 def _replica_group_outside_group():
     pair, _ = dist.new_subgroups(group_size=2)
     params = _params(dist.get_rank())
