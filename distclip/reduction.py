@@ -15,7 +15,7 @@ locally, in the same order, with the same bits.  (That block grows with the grou
 rank and norm, 128 KiB at 16,384 ranks, for the inf norms only.)  A NaN is replaced by 0 before
 sending and restored from its flag after; flags are 0/1 and their sums count.
 ``k`` is 1 for the functional API and 1 + number of groups when per-group norms ride along.
-A group of one rank sends nothing, so its partials are not encoded at all (``_reduce_alone``).
+Without a process group nothing is sent, so nothing is encoded either (``_reduce_alone``).
 ``extra`` is any other float64 vector the caller wants summed over the group in the same
 collective (the clipper's loss sum and loss count); a NaN in it stays in its own entry.
 """
@@ -114,8 +114,8 @@ def _reduce_alone(
     pnorm: PNorm,
     extra: Tensor | None,
 ) -> Reduced:
-    """The reduction of a group of one (or no process group): the encoded path's outcome without
-    the encoding, which exists only to send.  A NaN partial gives a NaN norm by itself; no copy
+    """The reduction without a process group: the encoded path's outcome without the encoding,
+    which exists only to send.  A NaN partial gives a NaN norm by itself; no copy
     can differ with no other rank; the problems are this rank's, known on the host."""
     values = partials
     if not all(has_elements):  # -inf norm of no element at all: 0, as in the encoded path
