@@ -59,8 +59,9 @@ def _gradients(
     known: dict[int, Attribution | OwnershipError] = {}
     # FlatParameters are nn.Parameters by type (FlatParameter.__new__): only a flag tells, and
     # reading a missing flag costs; a DTensor is never one.
-    may_be_flat = set(map(type, params)) != {DTensor}
-    for index in [i for i, is_flat in enumerate(map(fsdp1.is_flat_param, params)) if is_flat] if may_be_flat else []:
+    all_dtensors = set(map(type, params)) == {DTensor}
+    flat_indices = [] if all_dtensors else [i for i, is_flat in enumerate(map(fsdp1.is_flat_param, params)) if is_flat]
+    for index in flat_indices:
         try:
             known[index] = fsdp1.flat_param_attribution(params[index], topology)
         except OwnershipError as error:

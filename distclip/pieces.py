@@ -74,7 +74,6 @@ def split_ranges(
     packs: dict[object, list[list[int]]] = {}  # key -> packs, the last one still filling
     filled: dict[object, int] = {}
     for n, (unit, start, stop, numel) in enumerate(ranges):
-        rows = (stop - start) // ROW
         if device.type == "cpu" and start == 0 and stop == numel and 0 < numel <= PACK_UP_TO:
             key = keys[n] if keys is not None else None
             if key not in packs or filled[key] + numel > ROWS_FROM:
@@ -85,6 +84,7 @@ def split_ranges(
         elif device.type != "cpu" or stop - start <= ROWS_FROM:
             whole.append((unit, start, stop, start == 0 and stop == numel))
         else:
+            rows = (stop - start) // ROW
             for first in range(0, rows, BLOCK // ROW):
                 blocks.append((unit, start + first * ROW, min(BLOCK // ROW, rows - first)))
             if start + rows * ROW < stop:

@@ -31,6 +31,13 @@ def _norm(tensors):
     return torch.linalg.vector_norm(torch.cat([t.detach().double().flatten() for t in tensors])).item()
 
 
+def _assert_each_call_same_on_all_ranks(per_rank, calls):
+    """``per_rank[r][c]``: what rank r's call c returned (clip_and_check's dict); every call
+    agrees across the ranks."""
+    for call in range(calls):
+        assert_same_on_all_ranks([results[call] for results in per_rank])
+
+
 def _clip_exactly(params, max_norm=1.0):
     """Clip and check the norm and the clipped gradients against float64 (single process)."""
     before = [p.grad.clone() for p in params if p.grad is not None]
@@ -110,8 +117,7 @@ def _new_parameters_at_freed_addresses():
 
 def test_new_parameters_at_freed_addresses_get_a_new_plan(ranks):
     per_rank = ranks(2).run(_new_parameters_at_freed_addresses)
-    for step in range(2):
-        assert_same_on_all_ranks([results[step] for results, _ in per_rank])
+    _assert_each_call_same_on_all_ranks([results for results, _ in per_rank], calls=2)
 
 
 def _model_rewrapped_with_fsdp2(norm_type):
@@ -129,9 +135,7 @@ def _model_rewrapped_with_fsdp2(norm_type):
 
 @pytest.mark.parametrize("norm_type", [2.0, math.inf])
 def test_a_model_rewrapped_with_fsdp2_gets_a_new_plan(ranks, norm_type):
-    per_rank = ranks(2).run(_model_rewrapped_with_fsdp2, norm_type)
-    for step in range(2):
-        assert_same_on_all_ranks([results[step] for results in per_rank])
+    _assert_each_call_same_on_all_ranks(ranks(2).run(_model_rewrapped_with_fsdp2, norm_type), calls=2)
 
 
 def _fsdp1_units_rewrapped():
@@ -189,9 +193,7 @@ def _fsdp2_steps_reuse_the_plan_by_spec():
 
 
 def test_fsdp2_steps_reuse_the_plan_found_by_their_gradients_specs(ranks):
-    per_rank = ranks(2).run(_fsdp2_steps_reuse_the_plan_by_spec)
-    for step in range(3):
-        assert_same_on_all_ranks([results[step] for results in per_rank])
+    _assert_each_call_same_on_all_ranks(ranks(2).run(_fsdp2_steps_reuse_the_plan_by_spec), calls=3)
 
 
 def _dtensor_grads_with_new_specs():
@@ -209,9 +211,7 @@ def _dtensor_grads_with_new_specs():
 
 
 def test_dtensor_gradients_with_new_specs_get_their_own_plan(ranks):
-    per_rank = ranks(2).run(_dtensor_grads_with_new_specs)
-    for step in range(6):
-        assert_same_on_all_ranks([results[step] for results in per_rank])
+    _assert_each_call_same_on_all_ranks(ranks(2).run(_dtensor_grads_with_new_specs), calls=6)
 
 
 def _plans_by_spec_go_with_their_specs():
