@@ -5,7 +5,8 @@ DDP, FSDP1/FSDP2, HSDP, tensor, pipeline and expert parallelism.
 """
 
 from distclip.clip_grad import clip_grad_norm_, clip_grads_with_norm_, get_total_norm
-from distclip.clipper import ClipResult, GradClipper
+from distclip.clipper import GradClipper
+from distclip.decision import ClipResult
 from distclip.explain import Explanation, GradientExplanation, explain
 from distclip.policies import AutoClip, SpikeSkip, ZClip
 

@@ -6,23 +6,17 @@ all-reduce -> global norm -> coefficient -> in-place scaling of every local grad
 
 from __future__ import annotations
 
-import types
-import warnings
-from typing import Iterable, Union
-
 import torch
 from torch import Tensor, nn
 from torch.distributed.tensor import DTensor
 
-from distclip import fsdp1
-from distclip.ownership import Attribution, OwnershipError, local_tensor
+from distclip.gradients import Gradients, TensorOrTensors, as_list, collect
+from distclip.ownership import local_tensor
 from distclip.partials import PNorm
 from distclip.plan import NormPlan
 from distclip.plancache import cached_plan
 from distclip.scaling import check_max_norm, clip_coefficient, scale_
 from distclip.topology import GroupLike, ReplicaGroupLike, Topology, resolve_topology
-
-TensorOrTensors = Union[Tensor, Iterable[Tensor], nn.Module]
 
 _NONFINITE_MESSAGE = (
     "The total norm of order {} for gradients from `parameters` is non-finite, so it cannot be "
@@ -31,56 +25,19 @@ _NONFINITE_MESSAGE = (
 )
 
 
-def _tensor_list(tensors: TensorOrTensors, what: str) -> list[Tensor]:
-    if isinstance(tensors, nn.Module):
-        return list(tensors.parameters())
-    if isinstance(tensors, Tensor):
-        return [tensors]
-    is_generator = isinstance(tensors, types.GeneratorType)
-    tensors = list(tensors)
-    if is_generator and not tensors:
-        warnings.warn(
-            f"`{what}` is an empty generator, no gradient clipping will occur.", stacklevel=3
-        )
-    return tensors
-
-
-def _gradients(
-    parameters: TensorOrTensors, topology: Topology
-) -> tuple[list[Tensor], dict[int, Attribution | OwnershipError], list[Tensor]]:
-    """The gradients of ``parameters`` to count and scale, with what only FSDP1 knows of them,
-    and the parameters they belong to."""
-    if isinstance(parameters, nn.Module) and fsdp1.has_units(parameters):
-        return fsdp1.module_gradients(parameters, topology)
-    candidates = _tensor_list(parameters, "parameters")
-    all_grads = [p.grad for p in candidates]
-    params = [p for p, g in zip(candidates, all_grads) if g is not None]
-    grads = [g for g in all_grads if g is not None]
-    known: dict[int, Attribution | OwnershipError] = {}
-    # FlatParameters are nn.Parameters by type (FlatParameter.__new__): only a flag tells, and
-    # reading a missing flag costs; a DTensor is never one.
-    all_dtensors = set(map(type, params)) == {DTensor}
-    flat_indices = [] if all_dtensors else [i for i, is_flat in enumerate(map(fsdp1.is_flat_param, params)) if is_flat]
-    for index in flat_indices:
-        try:
-            known[index] = fsdp1.flat_param_attribution(params[index], topology)
-        except OwnershipError as error:
-            known[index] = error
-    return grads, known, params
-
-
 def _global_norm(
-    grads: list[Tensor],
-    known: dict[int, Attribution | OwnershipError],
+    gradients: Gradients,
     keys: list[Tensor] | None,
     pnorm: PNorm,
     error_if_nonfinite: bool,
     foreach: bool | None,
     topology: Topology,
 ) -> tuple[Tensor, Tensor, NormPlan, list[Tensor]]:
-    """(total norm, invalid flag, plan, local tensors) for this rank's ``grads``: one collective."""
-    plan = cached_plan(grads, topology, known, keys)
-    local = plan.local_tensors(grads)
+    """(total norm, invalid flag, plan, local tensors) for this rank's gradients: one collective.
+    ``keys``: what a ``replica_group`` callable is asked about (the parameters; None: the
+    gradients themselves)."""
+    plan = cached_plan(gradients.grads, topology, gradients.known, keys)
+    local = plan.local_tensors(gradients.grads)
     norms, invalid, _ = plan.global_norms(local, pnorm, foreach)
     total = norms[0]
     if error_if_nonfinite and bool(total.isnan() | total.isinf()):
@@ -140,10 +97,11 @@ def get_total_norm(
     pnorm = PNorm.parse(norm_type)
     topology = resolve_topology(group, replica_group)
     if isinstance(tensors, nn.Module):
-        grads, known, keys = _gradients(tensors, topology)
+        gradients = collect(tensors, topology)
+        keys = gradients.params
     else:
-        grads, known, keys = _tensor_list(tensors, "tensors"), {}, None
-    total, _, _, _ = _global_norm(grads, known, keys, pnorm, error_if_nonfinite, foreach, topology)
+        gradients, keys = Gradients(as_list(tensors, "tensors"), []), None
+    total, _, _, _ = _global_norm(gradients, keys, pnorm, error_if_nonfinite, foreach, topology)
     return total
 
 
@@ -164,7 +122,7 @@ def clip_grads_with_norm_(
     max_norm = check_max_norm(max_norm)
     if isinstance(total_norm, DTensor):
         total_norm = total_norm.full_tensor()
-    grads = [local_tensor(p.grad) for p in _tensor_list(parameters, "parameters") if p.grad is not None]
+    grads = [local_tensor(p.grad) for p in as_list(parameters, "parameters") if p.grad is not None]
     if grads:
         scale_(grads, clip_coefficient(max_norm, total_norm), foreach)
 
@@ -199,8 +157,8 @@ def clip_grad_norm_(
     max_norm = check_max_norm(max_norm)
     pnorm = PNorm.parse(norm_type)
     topology = resolve_topology(group, replica_group)
-    grads, known, keys = _gradients(parameters, topology)
-    total, invalid, plan, local = _global_norm(grads, known, keys, pnorm, error_if_nonfinite, foreach, topology)
+    gradients = collect(parameters, topology)
+    total, invalid, plan, local = _global_norm(gradients, gradients.params, pnorm, error_if_nonfinite, foreach, topology)
     # A problem reported by another rank that could not be raised here without a sync leaves
     # the gradients as they are rather than scaling them by NaN.
     coefficient = clip_coefficient(max_norm, total, keep=invalid)

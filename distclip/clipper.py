@@ -1,77 +1,68 @@
 """GradClipper: the stateful clipper for a training loop.
 
-The functional API rediscovers ownership and foreach groupings on every call; a training loop
-has the same parameters every step, so :class:`GradClipper` plans that once (a
-:class:`~distclip.plan.NormPlan`) and only checks, locally and cheaply, whether the set of
-parameters that have gradients changed.  Per-group norms ride the same single all-reduce as the
-total.  Attached to an optimizer it clips inside ``optimizer.step()``; for fused optimizers it
-hands the coefficient to the kernel through ``grad_scale`` instead of rewriting the gradients.
-The threshold may adapt (:mod:`distclip.policies`), spikes may be skipped, and this rank's loss
-may ride the same all-reduce to come back as the global mean.
+A training loop clips the same model every step, but the model changes around the clipper: it
+is loaded with ``load_state_dict(assign=True)`` after the clipper was made, adapters are added,
+layers unfrozen, dtypes changed, parameter groups added.  So the clipper re-reads what it clips
+at every step (:class:`distclip.gradients.Parameters`: a model's parameters as they are now, or
+the fixed list it was given) and finds its plan by the same key as the functional API
+(:mod:`distclip.plancache`): a plan made for other parameters, dtypes, devices, layouts or FSDP1
+units is never used.  Re-reading costs C-level maps over the tree and the gradients; planning
+happens only when what the plan depends on changed.
+
+The clipper keeps the loop's state: the plans, per-group assignment, counters, history and the
+policies' state (checkpointed: a checkpoint restores state, never settings).  The step's
+decision (non-finite policy, spike skip, threshold -> coefficient) is :mod:`distclip.decision`;
+what attaching does to an optimizer (the fused zero-pass apply, GradScaler, skipped steps) is
+:mod:`distclip.attach`.  Per-group norms and this rank's loss ride the same single all-reduce as
+the total.
 """
 
 from __future__ import annotations
 
 import collections
 import warnings
-from dataclasses import dataclass, field
-from typing import Iterable, Mapping, Union
+from typing import Iterable, Union
 
 import torch
 from torch import Tensor, nn
-from torch.distributed.tensor import DTensor
 from torch.utils.hooks import RemovableHandle
 
-from distclip import fsdp1, nonfinite as nonfinite_location
-from distclip.clip_grad import _gradients
+from distclip import nonfinite as nonfinite_location
+from distclip.attach import FusedCheck, FusedStep, discard_grads_
+from distclip.decision import NONFINITE_POLICIES, ClipResult, check_nonfinite_policy, decide
+from distclip.gradients import Gradients, Parameters
+from distclip.groups import GroupsSpec, assign, check_groups, named_groups
 from distclip.overlap import BackwardPartials
 from distclip.partials import PNorm
 from distclip.plan import NormPlan
+from distclip.plancache import PlanCache, cached_plan
 from distclip.policies import SpikeSkip, ThresholdPolicy
 from distclip.problems import Problem
-from distclip.scaling import check_max_norm, clip_coefficient
+from distclip.scaling import check_max_norm
 from distclip.topology import GroupLike, ReplicaGroupLike, resolve_topology
 
-NONFINITE_POLICIES = ("propagate", "error", "skip")
-GroupsSpec = Union[None, str, Mapping[str, Iterable[Tensor]]]
+__all__ = ["ClipResult", "GradClipper", "GroupsSpec", "NONFINITE_POLICIES"]
 
-
-@dataclass
-class ClipResult:
-    """One clipping step, every field identical on every rank.
-
-    ``total_norm`` is the global norm *before* clipping; ``coef`` the factor the gradients were
-    (or, for a fused optimizer, will be) multiplied by; ``nonfinite`` a 0-dim bool tensor, True
-    when the norm was NaN or infinite; ``group_norms`` the pre-clip norm of each group;
-    ``max_norm`` the threshold applied (the float, or the policy's value); ``skipped`` a 0-dim
-    bool tensor, True when this step's update is skipped (a spike, or a non-finite norm under
-    ``nonfinite="skip"``: the gradients are then left as they are); ``loss`` the mean of the
-    losses passed on the ranks that passed one, on every rank (a pipeline stage without the
-    loss gets it too); NaN when no rank passed one (None would need every rank to know, on the
-    host, whether another passed one: a device sync).
-    """
-
-    total_norm: Tensor
-    coef: Tensor
-    nonfinite: Tensor
-    group_norms: dict[str, Tensor] = field(default_factory=dict)
-    max_norm: Tensor | None = None
-    skipped: Tensor | None = None
-    loss: Tensor | None = None
+# Plans a clipper keeps: enough for the layouts a loop alternates between (two heads used on
+# alternate steps, a frozen phase and an unfrozen one).
+PLANS_KEPT = 8
 
 
 class GradClipper:
     """Clip gradients by their global norm every step, at the cost of the kernels alone.
 
     Args:
-        model_or_params: an ``nn.Module`` (FSDP1 root modules included) or parameters.
+        model_or_params: an ``nn.Module`` (FSDP1 root modules included), whose parameters are
+            read as they are at every step, or parameters (that list, every step).
         max_norm: a float, or a threshold policy (:class:`distclip.ZClip`,
             :class:`distclip.AutoClip`) that sets the threshold each step from the global norm.
         norm_type, group, replica_group: as in :func:`distclip.clip_grad_norm_`
-            (``replica_group`` may be a per-parameter callable, :mod:`distclip.copygroups`).
+            (``replica_group`` may be a per-parameter callable, :mod:`distclip.copygroups`; the
+            clipper asks it about each parameter when its parameters change, not every step).
         skip_spikes: a :class:`distclip.SpikeSkip` to skip steps whose norm or loss is a spike.
-        groups: per-group norms to report: a mapping name -> parameters, ``"modules"`` (the
-            model's top-level submodules) or ``"param_groups"`` (the attached optimizer's).
+        groups: per-group norms to report (:mod:`distclip.groups`): a mapping name ->
+            parameters, ``"modules"`` (the model's top-level submodules) or ``"param_groups"``
+            (the attached optimizer's).
         nonfinite: ``"propagate"`` (torch's behaviour: NaN/inf norms scale gradients by NaN),
             ``"error"`` (RuntimeError on every rank naming the parameters and ranks holding
             NaN/inf; reads the norm on the host) or ``"skip"`` (gradients are left as they are
@@ -99,37 +90,32 @@ class GradClipper:
         history: int = 1000,
         overlap: bool = False,
     ) -> None:
-        if nonfinite not in NONFINITE_POLICIES:
-            raise ValueError(f"distclip: nonfinite must be one of {NONFINITE_POLICIES}, got {nonfinite!r}")
+        self.nonfinite = check_nonfinite_policy(nonfinite)
         self.policy = max_norm if isinstance(max_norm, ThresholdPolicy) else None
         self.max_norm = max_norm if self.policy is not None else check_max_norm(max_norm)
         if skip_spikes is not None and not isinstance(skip_spikes, SpikeSkip):
             raise ValueError(f"distclip: skip_spikes must be None or a distclip.SpikeSkip, got {skip_spikes!r}")
         self.skip_spikes = skip_spikes
         self.pnorm = PNorm.parse(norm_type)
-        self.nonfinite = nonfinite
         self.foreach = foreach
         self.topology = resolve_topology(group, replica_group)
-        self.module = model_or_params if isinstance(model_or_params, nn.Module) else None
-        self.params = list(model_or_params.parameters() if self.module is not None else model_or_params)
-        is_fsdp1 = self.module is not None and fsdp1.has_units(self.module)
-        self._fsdp1_gradients = fsdp1.ModuleGradients(self.module) if is_fsdp1 else None
-        if groups is not None and is_fsdp1:
-            raise ValueError("distclip: per-group norms are not supported for FSDP1 flat parameters")
+        self.source = Parameters(model_or_params)
+        self.module = self.source.module
+        check_groups(groups, self.source)
         self._groups_spec = groups
+        self._optimizer: torch.optim.Optimizer | None = None  # the attached one
+        self._plans = PlanCache(PLANS_KEPT)
+        self._plan: NormPlan | None = None
+        self._assigned: tuple | None = None  # what the group assignment was made for
         self.group_names: list[str] = []
         self._group_of_param: list[int] | None = None
-        if groups is not None and groups != "param_groups":
-            self._set_groups(self._named_groups(groups))
 
-        self._plan: NormPlan | None = None
-        self._plan_key: object = None
-        self._param_index_of_grad: list[int] = []
         self.backward_partials: BackwardPartials | None = None
-        if overlap and is_fsdp1:
+        if overlap and self.source.fsdp1 is not None:
             warnings.warn("distclip: overlap=True has no effect on FSDP1 models (FSDP1 runs no gradient hooks)")
         elif overlap:
-            self.backward_partials = BackwardPartials(self.params, self.pnorm, foreach, ddp=self.module)
+            self.backward_partials = BackwardPartials(self.pnorm, foreach, ddp=self.module)
+            self.backward_partials.watch(self.source.params)
         self.steps = 0
         self._clipped_steps = torch.zeros((), dtype=torch.int64)
         self._nonfinite_steps = torch.zeros((), dtype=torch.int64)
@@ -138,101 +124,87 @@ class GradClipper:
         self.last: ClipResult | None = None  # the latest step's result (attach() returns none)
         self._observed_loss: Tensor | None = None
 
-    # -- groups ---------------------------------------------------------------------------
+    @property
+    def params(self) -> list[Tensor]:
+        """The parameters clipped now (a model's, as of the latest step)."""
+        return self.source.params
 
-    def _named_groups(self, groups: GroupsSpec) -> dict[str, list[Tensor]]:
-        if groups == "modules":
-            if self.module is None:
-                raise ValueError('distclip: groups="modules" needs a model, not parameters')
-            named = {name: list(child.parameters()) for name, child in self.module.named_children()}
-            own = list(self.module.parameters(recurse=False))
-            return {**named, **({"(root)": own} if own else {})}
-        if isinstance(groups, Mapping):
-            return {name: list(params) for name, params in groups.items()}
-        raise ValueError(f'distclip: groups must be a mapping, "modules" or "param_groups", got {groups!r}')
+    # -- what this step clips -------------------------------------------------------------
 
-    def _set_groups(self, named: dict[str, list[Tensor]]) -> None:
-        index_of = {id(p): i for i, p in enumerate(self.params)}
-        group_of = [-1] * len(self.params)
-        for g, (name, params) in enumerate(named.items()):
-            for p in params:
-                if id(p) not in index_of:
-                    raise ValueError(f"distclip: group {name!r} holds a parameter the clipper does not clip")
-                if group_of[index_of[id(p)]] != -1:
-                    raise ValueError(f"distclip: a parameter is in group {name!r} and another group")
-                group_of[index_of[id(p)]] = g
-        self.group_names = list(named)
-        self._group_of_param = group_of
-        self._plan_key = None
+    def _groups_now(self) -> list[int] | None:
+        """Per parameter, its group index (None without groups), assigned again when the
+        parameters or the attached optimizer's groups changed."""
+        if self._groups_spec is None:
+            return None
+        optimizer_groups = None
+        if self._groups_spec == "param_groups" and self._optimizer is not None:
+            optimizer_groups = tuple((id(g["params"]), len(g["params"])) for g in self._optimizer.param_groups)
+        made_for = (self.source.version, optimizer_groups)
+        if made_for != self._assigned:
+            named = named_groups(self._groups_spec, self.source, self._optimizer)
+            self._group_of_param = assign(named, self.source.params)
+            self.group_names = list(named)
+            self._assigned = made_for
+        return self._group_of_param
+
+    def _follow_model(self) -> None:
+        """Re-read the model (a list stays as it is): new parameters are clipped from this step."""
+        if self.source.refresh() and self.backward_partials is not None:
+            self.backward_partials.watch(self.source.params)
+
+    def _current(self) -> tuple[Gradients, NormPlan]:
+        """This step's gradients and the plan for exactly them (made only when what a plan
+        depends on changed: a local check, so every rank that needs one makes one)."""
+        gradients = self.source.gradients(self.topology)
+        group_of = self._groups_now()
+        if group_of is not None and gradients.presence is not True:
+            group_of = [g for g, present in zip(group_of, gradients.presence) if present]
+        plan = cached_plan(
+            gradients.grads,
+            self.topology,
+            gradients.known,
+            gradients.params,
+            group_of=group_of,
+            num_groups=len(self.group_names),
+            cache=self._plans,
+            fixed=(self.source.version, self._assigned, gradients.presence),
+        )
+        self._plan = plan  # the latest step's, for introspection
+        return gradients, plan
 
     # -- the step -------------------------------------------------------------------------
 
-    def _current(self) -> tuple[list[Tensor], NormPlan]:
-        """This step's gradients and the plan for them, rebuilt only when the set of
-        parameters with gradients changed (a local check: every rank rebuilds alike)."""
-        if self._fsdp1_gradients is not None:
-            grads, known, keys = self._fsdp1_gradients(self.topology)
-            key: object = len(grads)
-            group_of = None
-        else:
-            all_grads = [p.grad for p in self.params]
-            present = [g is not None for g in all_grads]  # not `None in all_grads`: that runs Tensor.__eq__
-            key = True if all(present) else tuple(present)
-            grads = all_grads if key is True else [g for g in all_grads if g is not None]
-            known, group_of = None, self._group_of_param
-            if key is not True and group_of is not None:
-                group_of = [g for g, grad in zip(group_of, all_grads) if grad is not None]
-        if self._groups_spec == "param_groups" and self._group_of_param is None:
-            raise ValueError('distclip: groups="param_groups" needs attach(optimizer) first')
-        if key != self._plan_key or self._plan is None:
-            if known is None:
-                _, known, keys = _gradients([p for p in self.params if p.grad is not None], self.topology)
-            self._plan = NormPlan(grads, self.topology, known, group_of, len(self.group_names), keys)
-            self._plan_key = key
-            if self._fsdp1_gradients is None:
-                self._param_index_of_grad = [i for i, p in enumerate(self.params) if p.grad is not None]
-        return grads, self._plan
-
     def _norms(
-        self, loss_scale: Tensor | None = None, loss: Tensor | None = None
-    ) -> tuple[ClipResult, NormPlan, list[Tensor], Tensor]:
+        self, loss_scale: Tensor | None = None, loss: Tensor | None = None, tolerated: Tensor | None = None
+    ) -> tuple[ClipResult, NormPlan, list[Tensor]]:
         """Global norms, threshold, skip decision and coefficient, without touching the
-        gradients: one all-reduce carries the norms and the loss."""
-        grads, plan = self._current()
-        local = plan.local_tensors(grads)
+        gradients: one all-reduce carries the norms and the loss.  ``loss_scale``: GradScaler's
+        scale, still in the gradients (the norms are divided by it); ``tolerated``: the
+        optimizer's ``found_inf`` (a non-finite norm it skips anyway raises no error)."""
+        gradients, plan = self._current()
+        local = plan.local_tensors(gradients.grads)
         partials = None
         if self.backward_partials is not None:
-            partials = self.backward_partials.take(plan, local, self._param_index_of_grad)
-            self.backward_partials.use_plan(plan, self._param_index_of_grad)
+            partials = self.backward_partials.take(plan, local, gradients.params)
+            self.backward_partials.use_plan(plan, gradients.params)
         loss_terms, problems = _loss_terms(loss, plan.device)
-        # With GradScaler's scale still in the gradients, the norm is divided by it.
         norms, invalid, loss_sums = plan.global_norms(
             local, self.pnorm, self.foreach, divide_by=loss_scale, extra=loss_terms, problems=problems, partials=partials
         )
-        total = norms[0]
-        nonfinite = total.isnan() | total.isinf()
-        if self.nonfinite == "error" and bool(nonfinite):
-            located = nonfinite_location.describe(self.nonfinite_report())
-            raise RuntimeError(
-                f"distclip: the global gradient norm is non-finite ({total.item()}) on step {self.steps}: "
-                f"NaN/inf gradients in {located}"
-            )
-        skipped = nonfinite if self.nonfinite == "skip" else torch.zeros_like(nonfinite)
-        norm = total.to(torch.float64)
-        loss_sum, loss_count = loss_sums.to(total.device).unbind()
-        global_loss = loss_sum / loss_count  # NaN when no rank passed one
-        if self.skip_spikes is not None:
-            skipped = skipped | self.skip_spikes.step(norm, global_loss, loss_count > 0, skipped)
-        if self.policy is not None:
-            max_norm = self.policy.step(norm, ~skipped).to(total.dtype)
-            coef = clip_coefficient(max_norm, total, keep=invalid | skipped)
-        else:
-            max_norm = torch.full((), self.max_norm, dtype=total.dtype, device=total.device)
-            coef = clip_coefficient(self.max_norm, total, keep=invalid | skipped)
-        groups = {name: norms[1 + i] for i, name in enumerate(self.group_names)}
-        result = ClipResult(total, coef, nonfinite, groups, max_norm, skipped, global_loss.to(total.dtype))
+        result = decide(
+            norms,
+            invalid,
+            loss_sums,
+            group_names=self.group_names,
+            nonfinite=self.nonfinite,
+            max_norm=self.max_norm if self.policy is None else self.policy,
+            skip_spikes=self.skip_spikes,
+            locate=lambda: nonfinite_location.describe(self.nonfinite_report()),
+            step=self.steps,
+            tolerated=tolerated,
+        )
         self._record(result)
-        return result, plan, local, coef
+        return result, plan, local
 
     def _record(self, result: ClipResult) -> None:
         # The counters follow the norm to its device: adding a GPU value into a CPU counter
@@ -260,8 +232,12 @@ class GradClipper:
         :class:`~distclip.SpikeSkip` judges it.  A skipped step leaves the gradients as they
         are: do not step the optimizer when ``result.skipped`` (:meth:`attach` does that).
         """
-        result, plan, local, coef = self._norms(loss=loss)
-        plan.scale_(local, coef, self.foreach)
+        self._follow_model()
+        return self._clip_followed(loss)
+
+    def _clip_followed(self, loss: Tensor | None) -> ClipResult:
+        result, plan, local = self._norms(loss=loss)
+        plan.scale_(local, result.coef, self.foreach)
         return result
 
     def observe_loss(self, loss: Tensor | None) -> None:
@@ -277,9 +253,8 @@ class GradClipper:
     def nonfinite_report(self) -> dict[str, list[int]]:
         """Parameter name -> sorted global ranks whose gradients of it hold NaN/inf (empty when
         all are finite), identical on every rank: a collective, every rank must call it.
-        Qualified names when the clipper was given a module, else ``parameter {index}``."""
-        named = nonfinite_location.named_gradients(self.module, self.params)
-        return nonfinite_location.locate(named, self.topology)
+        Names as :mod:`distclip.gradients` gives them (``parameters[i]`` for a list)."""
+        return nonfinite_location.locate(self.source.named_pieces(), self.topology)
 
     @property
     def _may_skip(self) -> bool:
@@ -292,61 +267,48 @@ class GradClipper:
         step is skipped.  :meth:`attach` does this itself."""
         if not self._may_skip or not bool(result.skipped):
             return False
-        for group in optimizer.param_groups:
-            for p in group["params"]:
-                p.grad = None
+        discard_grads_(optimizer)
         return True
 
     # -- optimizer integration ------------------------------------------------------------
 
     def attach(self, optimizer: torch.optim.Optimizer) -> "_Attachment":
-        """Clip automatically inside ``optimizer.step()`` (a step pre-hook).
+        """Clip automatically inside ``optimizer.step()`` (a step pre-hook); see
+        :mod:`distclip.attach` for what it does to the optimizer.
 
-        Works under ``torch.amp.GradScaler``: for ordinary optimizers the scaler unscales the
-        gradients in place and skips the step on inf before the hook runs; for fused ones
-        (``fused=True`` Adam, AdamW, SGD) the hook divides the norm by the scaler's scale and
-        folds the coefficient into ``optimizer.grad_scale``, so the clip costs no extra pass over
-        the gradients.  A skipped step (``nonfinite="skip"``, ``skip_spikes``) changes neither
-        parameters nor optimizer state: a fused optimizer gets ``found_inf`` (no sync); others
-        have their gradients set to None for the step (one host sync, only when skipping is
-        possible).  The loss of :meth:`observe_loss` rides the clip; the result is in ``last``.
+        Works under every ``torch.amp.GradScaler`` recipe (``scaler.step(opt)``, or
+        ``scaler.unscale_(opt)`` then ``scaler.step(opt)``): ordinary optimizers are clipped
+        after the scaler unscaled the gradients, and a step the scaler skips for inf/NaN is not
+        clipped at all; a fused optimizer (``fused=True`` Adam, AdamW, SGD) whose parameters are
+        exactly the clipped ones gets the coefficient folded into ``grad_scale``, so the clip
+        costs no extra pass over the gradients, the norm of still-scaled gradients is divided by
+        the scale (accumulated in float64, so no scale overflows it) and a step the scaler skips
+        raises no ``nonfinite="error"``.  A skipped step (``nonfinite="skip"``, ``skip_spikes``)
+        changes neither parameters nor optimizer state.  The loss of :meth:`observe_loss` rides
+        the clip; the result is in ``last``.
         """
-        if self._groups_spec == "param_groups":
-            self._set_groups(
-                {g.get("name", f"param_group_{i}"): list(g["params"]) for i, g in enumerate(optimizer.param_groups)}
-            )
-        optimizer_params = {id(p) for g in optimizer.param_groups for p in g["params"]}
-        fused = (
-            getattr(optimizer, "_step_supports_amp_scaling", False)
-            and optimizer_params == {id(p) for p in self.params}
-            # grad_scale/found_inf are plain tensors, which DTensor kernels would reject.
-            and not any(isinstance(p, DTensor) for p in self.params)
-        )
-        created: list[str] = []
+        self._optimizer = optimizer
+        self._assigned = None  # "param_groups" are this optimizer's
+        fused_check = FusedCheck(optimizer)
+        fused_step = FusedStep()
 
         def clip_before_step(opt, args, kwargs):
             loss = self._take_observed_loss()
-            if not fused:
-                self.discard_if_skipped_(opt, self.clip_(loss))
+            self._follow_model()
+            if not fused_check(self.source.params, self.source.version):
+                with torch.no_grad():
+                    self.discard_if_skipped_(opt, self._clip_followed(loss))
                 return None
-            loss_scale = getattr(opt, "grad_scale", None)
+            loss_scale = getattr(opt, "grad_scale", None)  # GradScaler's, unless unscale_ ran
+            if self.backward_partials is not None:
+                self.backward_partials.wide = True  # its gradients may hold GradScaler's scale
             with torch.no_grad():
-                result, _, _, coef = self._norms(loss_scale, loss)
-            scale = (loss_scale if loss_scale is not None else torch.ones((), device=coef.device)).to(coef.device)
-            created.clear()
-            created.extend(name for name in ("grad_scale", "found_inf") if getattr(opt, name, None) is None)
-            opt.grad_scale = (scale / coef).to(torch.float32)
-            if self._may_skip:
-                found = result.skipped.to(torch.float32)
-                previous = getattr(opt, "found_inf", None)
-                opt.found_inf = found if previous is None else torch.maximum(previous, found.to(previous.device))
+                result, _, _ = self._norms(loss_scale, loss, tolerated=getattr(opt, "found_inf", None))
+            fused_step.set(opt, loss_scale, result.coef, result.skipped if self._may_skip else None)
             return None
 
         def clean_after_step(opt, args, kwargs):
-            for name in created:  # only what the hook set; GradScaler removes its own
-                if hasattr(opt, name):
-                    delattr(opt, name)
-            created.clear()
+            fused_step.restore(opt)
 
         return _Attachment(
             optimizer.register_step_pre_hook(clip_before_step),
@@ -355,13 +317,19 @@ class GradClipper:
 
     # -- checkpointing --------------------------------------------------------------------
 
-    def state_dict(self) -> dict:
-        """Counters, history and the policies' state: plain Python values, identical on every
-        rank.  A run resumed from it makes the same threshold and skip decisions."""
+    def _settings(self) -> dict:
         return {
             "max_norm": self.max_norm if self.policy is None else None,
             "norm_type": self.pnorm.p,
             "nonfinite": self.nonfinite,
+        }
+
+    def state_dict(self) -> dict:
+        """Counters, history and the policies' state (with the settings they were made under):
+        plain Python values, identical on every rank.  A run resumed from it makes the same
+        threshold and skip decisions."""
+        return {
+            **self._settings(),
             "steps": self.steps,
             "clipped_steps": int(self._clipped_steps),
             "nonfinite_steps": int(self._nonfinite_steps),
@@ -372,26 +340,33 @@ class GradClipper:
         }
 
     def load_state_dict(self, state: dict) -> None:
-        """Restore :meth:`state_dict`.  The policies must be configured as when it was saved
-        (ValueError otherwise); a float ``max_norm`` is taken from the state."""
+        """Restore the state of :meth:`state_dict`: counters, history, the policies' state.
+
+        A checkpoint restores state, not settings: ``max_norm``, ``norm_type``, ``nonfinite``
+        and the policies' parameters stay as this clipper was made, so a run resumed with other
+        settings runs with them (a setting that differs from the checkpoint's warns, naming
+        both).  ValueError when a state cannot apply: a policy configured on one side only, or
+        one whose state has another shape (see the policies' ``load_state_dict``)."""
         for key, mine in (("threshold_policy", self.policy), ("skip_spikes", self.skip_spikes)):
             if (state.get(key) is None) != (mine is None):
                 raise ValueError(
                     f"distclip: the checkpoint has {key}={'none' if state.get(key) is None else 'one'}, "
-                    f"this clipper {'none' if mine is None else 'one'}"
+                    f"this clipper {'none' if mine is None else 'one'}: its state cannot apply"
                 )
-        if state["nonfinite"] not in NONFINITE_POLICIES:
-            raise ValueError(f"distclip: unknown nonfinite policy {state['nonfinite']!r} in state")
-        if self.policy is None:
-            self.max_norm = check_max_norm(state["max_norm"])
-        else:
+        saved = {name: state.get(name) for name in self._settings()}
+        differing = {name: (saved[name], value) for name, value in self._settings().items() if saved[name] != value}
+        if saved["nonfinite"] not in NONFINITE_POLICIES:
+            raise ValueError(f"distclip: unknown nonfinite policy {saved['nonfinite']!r} in state")
+        if differing:
+            warnings.warn(
+                "distclip: a checkpoint restores state, not settings; keeping this clipper's "
+                + ", ".join(f"{name}={mine!r} (the checkpoint has {theirs!r})" for name, (theirs, mine) in differing.items()),
+                stacklevel=2,
+            )
+        if self.policy is not None:
             self.policy.load_state_dict(state["threshold_policy"])
         if self.skip_spikes is not None:
             self.skip_spikes.load_state_dict(state["skip_spikes"])
-        self.pnorm = PNorm.parse(state["norm_type"])
-        if self.backward_partials is not None:
-            self.backward_partials.set_norm_type(self.pnorm)
-        self.nonfinite = state["nonfinite"]
         self.steps = int(state["steps"])
         self._clipped_steps.fill_(int(state["clipped_steps"]))
         self._nonfinite_steps.fill_(int(state["nonfinite_steps"]))

@@ -12,12 +12,11 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from torch import nn
 from torch.distributed.device_mesh import DeviceMesh
 from torch.distributed.tensor import DTensor
 from torch.distributed.tensor.placement_types import Placement
 
-from distclip.clip_grad import TensorOrTensors, _gradients
+from distclip.gradients import Parameters, TensorOrTensors
 from distclip.ownership import OwnershipError, local_tensor, plan_ownership
 from distclip.topology import GroupLike, ReplicaGroupLike, resolve_topology
 
@@ -97,13 +96,16 @@ def explain(
 
     Returns:
         An :class:`Explanation` (a list of :class:`GradientExplanation`, printable as a table),
-        named after the module's parameters when given an ``nn.Module`` (FSDP1: its flat
-        parameters), else ``#i`` by position among the parameters with gradients.
+        rows named by :mod:`distclip.gradients`' one rule: qualified names without wrapper
+        prefixes when given an ``nn.Module`` (an FSDP1 unit by its flat parameter,
+        ``<unit>._flat_param``), else ``parameters[i]`` by position in the list given.
     """
     topology = resolve_topology(group, replica_group)
-    grads, known, params = _gradients(parameters, topology)
-    names = {id(p): name for name, p in parameters.named_parameters()} if isinstance(parameters, nn.Module) else {}
-    ownership = plan_ownership(grads, topology, known, params)
+    source = Parameters(parameters)
+    gradients = source.gradients(topology)
+    grads, params = gradients.grads, gradients.params
+    names = {id(p): name for name, p in source.named()}
+    ownership = plan_ownership(grads, topology, gradients.known, params)
     counted_ranges: list[list[tuple[int, int]]] = [[] for _ in grads]
     for index, start, stop in ownership.owned:
         counted_ranges[index].append((start, stop))
@@ -113,7 +115,7 @@ def explain(
         failed = isinstance(attribution, OwnershipError)
         rows.append(
             GradientExplanation(
-                name=names.get(id(param), f"#{index}"),
+                name=names[id(param)],
                 local_shape=tuple(local.shape),
                 mesh=grad.device_mesh if isinstance(grad, DTensor) else None,
                 placements=tuple(grad.placements) if isinstance(grad, DTensor) else None,

@@ -16,7 +16,7 @@ layout FSDP1 builds for hybrid sharding (intra-node groups, or a ``(replicate, s
 from __future__ import annotations
 
 import weakref
-from typing import Iterator
+from typing import Callable, Iterator
 
 from torch import Tensor, nn
 import torch.distributed as dist
@@ -31,6 +31,10 @@ try:
     _HYBRID = {ShardingStrategy.HYBRID_SHARD, ShardingStrategy._HYBRID_SHARD_ZERO2}
 except ImportError:  # a torch build without FSDP1
     FullyShardedDataParallel, ShardingStrategy, _HYBRID = None, None, set()
+
+# Where FSDP1 registers a unit's FlatParameter, below the unit: ``named_parameters()`` of a model
+# with ``use_orig_params=False`` names it ``<unit>._fsdp_wrapped_module._flat_param``.
+FLAT_PARAM_NAME = "_fsdp_wrapped_module._flat_param"
 
 
 def is_flat_param(param: Tensor) -> bool:
@@ -132,11 +136,15 @@ class ModuleGradients:
     calling the object reads their current gradients (a unit without one is left out)."""
 
     def __init__(self, module: nn.Module) -> None:
-        self.units = [unit for _, unit in units(module)]
+        named_units = list(units(module))
+        self.unit_names = [name for name, _ in named_units]
+        self.units = [unit for _, unit in named_units]
+        self.flat_params = [unit._handle.flat_param for unit in self.units]
         managed: set[int] = set()
-        for unit in self.units:
-            managed |= managed_ids(unit._handle.flat_param)
+        for flat_param in self.flat_params:
+            managed |= managed_ids(flat_param)
         self.unmanaged = [p for p in module.parameters() if id(p) not in managed]
+        self.unmanaged_ids = {id(p) for p in self.unmanaged}
 
     def __call__(
         self, topology: Topology
@@ -148,8 +156,7 @@ class ModuleGradients:
         grads: list[Tensor] = []
         known: dict[int, Attribution | OwnershipError] = {}
         params: list[Tensor] = []
-        for unit in self.units:
-            flat_param = unit._handle.flat_param
+        for unit, flat_param in zip(self.units, self.flat_params):
             if flat_param.grad is None:
                 continue
             try:
@@ -162,9 +169,21 @@ class ModuleGradients:
         grads.extend(p.grad for p in params[len(grads) :])
         return grads, known, params
 
+    def named(self, clean: Callable[[str], str]) -> list[tuple[str, Tensor]]:
+        """``(name, flat parameter)`` of every unit, named as ``named_parameters()`` names it
+        (cleaned by ``clean``): ``<unit>._flat_param``."""
+        return [
+            (clean(f"{name}.{FLAT_PARAM_NAME}" if name else FLAT_PARAM_NAME), flat_param)
+            for name, flat_param in zip(self.unit_names, self.flat_params)
+        ]
 
-def module_gradients(
-    module: nn.Module, topology: Topology
-) -> tuple[list[Tensor], dict[int, Attribution | OwnershipError], list[Tensor]]:
-    """Every gradient of an FSDP1 model now: see :class:`ModuleGradients`."""
-    return ModuleGradients(module)(topology)
+    def named_pieces(self, clean: Callable[[str], str]) -> list[tuple[str, Tensor]]:
+        """``(original parameter name, its range of the unit's local flat gradient)`` for every
+        unit with a gradient, names cleaned by ``clean``."""
+        pieces = []
+        for prefix, flat_param in zip(self.unit_names, self.flat_params):
+            if flat_param.grad is None:
+                continue
+            for fqn, start, stop in param_ranges(flat_param):
+                pieces.append((clean(f"{prefix}.{fqn}" if prefix else fqn), flat_param.grad[start:stop]))
+        return pieces

@@ -8,10 +8,9 @@ shards, its copies) and the names are gathered, so the report, and the error tex
 it, is identical on every rank: parameter names in the order the ranks report them, each with
 the sorted global ranks whose gradients hold NaN/inf there.
 
-Names are the module's qualified parameter names, with wrapper prefixes removed (DDP's
-``module.``, FSDP1's ``_fsdp_wrapped_module.``, activation checkpointing's), so they match the
-unwrapped model; FSDP1 flat gradients are located per original parameter.  Without a module,
-parameters are named by their index in the list given to the clipper.
+Names follow :mod:`distclip.gradients`' one rule (qualified names without wrapper prefixes,
+``parameters[i]`` for a list); FSDP1 flat gradients are located per original parameter
+(:meth:`distclip.gradients.Parameters.named_pieces`).
 """
 
 from __future__ import annotations
@@ -21,39 +20,11 @@ from typing import Sequence
 
 import torch
 import torch.distributed as dist
-from torch import Tensor, nn
-from torch.distributed.fsdp._common_utils import clean_tensor_name
-from torch.distributed.tensor import DTensor
-from torch.nn.parallel import DistributedDataParallel
+from torch import Tensor
 
-from distclip import fsdp1
 from distclip.topology import Topology, reduction_device
 
 NonfiniteReport = dict[str, list[int]]
-
-
-def _local(grad: Tensor) -> Tensor:
-    return grad._local_tensor if isinstance(grad, DTensor) else grad
-
-
-def named_gradients(module: nn.Module | None, params: Sequence[Tensor]) -> list[tuple[str, Tensor]]:
-    """``(name, local gradient piece)`` for every gradient this rank holds."""
-    if module is None:
-        return [(f"parameter {i}", _local(p.grad)) for i, p in enumerate(params) if p.grad is not None]
-    root = module.module if isinstance(module, DistributedDataParallel) else module
-    named: list[tuple[str, Tensor]] = []
-    flat_managed: set[int] = set()
-    for prefix, unit in fsdp1.units(root) if fsdp1.has_units(root) else ():
-        flat_param = unit._handle.flat_param
-        flat_managed |= fsdp1.managed_ids(flat_param)
-        if flat_param.grad is None:
-            continue
-        for fqn, start, stop in fsdp1.param_ranges(flat_param):
-            named.append((clean_tensor_name(f"{prefix}.{fqn}" if prefix else fqn), flat_param.grad[start:stop]))
-    for name, p in root.named_parameters():
-        if p.grad is not None and id(p) not in flat_managed:
-            named.append((clean_tensor_name(name), _local(p.grad)))
-    return named
 
 
 def _gather(obj: object, topology: Topology) -> list:

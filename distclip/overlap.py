@@ -41,32 +41,40 @@ from distclip.plan import NormPlan
 
 
 class BackwardPartials:
-    """Hooks on ``params`` (post-accumulate-grad, or ``ddp``'s communication hook) that take each
-    gradient's partial under the plan of the previous step (:meth:`use_plan`); :meth:`take`
-    hands them to the step."""
+    """Hooks (post-accumulate-grad on each parameter it is asked to :meth:`watch`, or ``ddp``'s
+    communication hook) that take each gradient's partial under the plan of the previous step
+    (:meth:`use_plan`); :meth:`take` hands them to the step.  Records are kept per parameter,
+    so a clipper whose parameters change (a new adapter) watches the new ones too."""
 
-    def __init__(
-        self, params: Sequence[Tensor], pnorm: PNorm, foreach: bool | None, ddp: nn.Module | None = None
-    ) -> None:
+    def __init__(self, pnorm: PNorm, foreach: bool | None, ddp: nn.Module | None = None) -> None:
         self.pnorm = pnorm
         self.foreach = foreach
+        self.wide = False  # accumulate in float64 (a fused optimizer's still-scaled gradients)
         self._plan: NormPlan | None = None
-        self._grad_index_of_param: list[int | None] = [None] * len(params)
-        # Per parameter: (plan, the gradient's storage owner, address, version, partial).
-        self._records: list[tuple[NormPlan, Tensor, int, int, Tensor] | None] = [None] * len(params)
+        self._grad_index_of_param: dict[int, int] = {}
+        # Per parameter id: (plan, the gradient's storage owner, address, version, partial).
+        self._records: dict[int, tuple[NormPlan, Tensor, int, int, Tensor]] = {}
+        self._watched: set[int] = set()
         self._warned = False
         self.steps_used = 0  # steps whose partials all came from backward
         self.steps_fallen_back = 0  # steps that took the normal pass although partials were taken
-        if isinstance(ddp, DistributedDataParallel):
-            self._hook_ddp(ddp, params)
-        else:
-            for index, param in enumerate(params):
-                param.register_post_accumulate_grad_hook(self._hook_for(index))
+        self._ddp = isinstance(ddp, DistributedDataParallel)
+        if self._ddp:
+            self._hook_ddp(ddp)
 
-    def _hook_ddp(self, ddp: DistributedDataParallel, params: Sequence[Tensor]) -> None:
+    def watch(self, params: Sequence[Tensor]) -> None:
+        """Take the partials of ``params``' gradients in backward (hooks on those not yet
+        watched; a DDP module's communication hook already covers its parameters)."""
+        if self._ddp:
+            return
+        for param in params:
+            if id(param) not in self._watched:
+                self._watched.add(id(param))
+                param.register_post_accumulate_grad_hook(self._hook())
+
+    def _hook_ddp(self, ddp: DistributedDataParallel) -> None:
         """DDP's all-reduce comes after the post-accumulate-grad hooks: take the partials from
         the all-reduced bucket instead (torch's own all-reduce hook, then this)."""
-        index_of = {id(p): i for i, p in enumerate(params)}
         owner = weakref.ref(self)
 
         def after_all_reduce(state, bucket):  # no annotations: DDP checks them, and these would be strings
@@ -74,8 +82,7 @@ class BackwardPartials:
                 self_ = owner()
                 if self_ is not None:
                     for param, grad in zip(bucket.parameters(), bucket.gradients()):
-                        if id(param) in index_of:
-                            self_._take_partial(index_of[id(param)], grad)
+                        self_._take_partial(param, grad)
                 return future.value()
 
             return allreduce_hook(state, bucket).then(take)
@@ -85,44 +92,42 @@ class BackwardPartials:
         except RuntimeError as error:  # DDP takes one communication hook: the user's stays
             warnings.warn(f"distclip: overlap=True cannot hook this DDP module ({error}); the normal pass is used")
 
-    def _hook_for(self, param_index: int):
+    def _hook(self):
         # A weak reference: the parameters' hooks must not keep the clipper alive.
         owner = weakref.ref(self)
 
         def hook(param: Tensor) -> None:
             self_ = owner()
             if self_ is not None and param.grad is not None:
-                self_._take_partial(param_index, param.grad)
+                self_._take_partial(param, param.grad)
 
         return hook
 
     @torch.no_grad()
-    def _take_partial(self, param_index: int, grad: Tensor) -> None:
-        plan, grad_index = self._plan, self._grad_index_of_param[param_index]
+    def _take_partial(self, param: Tensor, grad: Tensor) -> None:
+        plan, grad_index = self._plan, self._grad_index_of_param.get(id(param))
         if plan is None or grad_index is None:
             return
         local = grad._local_tensor if isinstance(grad, DTensor) else grad
         if grad_index not in plan.owned_ranges:
-            self._records[param_index] = None  # nothing owned: its partial is the identity
+            self._records.pop(id(param), None)  # nothing owned: its partial is the identity
             return
-        value = plan.gradient_partial(grad_index, local, self.pnorm, self.foreach)
-        self._records[param_index] = (plan, _storage_owner(local), local.data_ptr(), local._version, value)
+        value = plan.gradient_partial(grad_index, local, self.pnorm, self.foreach, wide=self.wide)
+        self._records[id(param)] = (plan, _storage_owner(local), local.data_ptr(), local._version, value)
 
-    def use_plan(self, plan: NormPlan, param_index_of_grad: Sequence[int]) -> None:
-        """The plan (and which parameter each of its gradients belongs to) for the next backward."""
+    def use_plan(self, plan: NormPlan, params_of_grads: Sequence[Tensor]) -> None:
+        """The plan (and the parameter each of its gradients belongs to) for the next backward."""
         if plan is not self._plan:
             self._plan = plan
-            self._grad_index_of_param = [None] * len(self._grad_index_of_param)
-            for grad_index, param_index in enumerate(param_index_of_grad):
-                self._grad_index_of_param[param_index] = grad_index
+            self._grad_index_of_param = {id(p): i for i, p in enumerate(params_of_grads)}
 
-    def take(self, plan: NormPlan, local: Sequence[Tensor], param_index_of_grad: Sequence[int]) -> Tensor | None:
+    def take(self, plan: NormPlan, local: Sequence[Tensor], params_of_grads: Sequence[Tensor]) -> Tensor | None:
         """This step's partials (:meth:`NormPlan.partials`) from the hooks, or None when any
         owned gradient is not the unchanged tensor its hook normed.  Clears the records."""
-        records, self._records = self._records, [None] * len(self._records)
+        records, self._records = self._records, {}
         values, stale, recorded = [], 0, 0
         for grad_index in plan.owned_indices:
-            record = records[param_index_of_grad[grad_index]]
+            record = records.get(id(params_of_grads[grad_index]))
             tensor = local[grad_index]
             recorded += record is not None and record[0] is plan
             if (
@@ -153,7 +158,7 @@ class BackwardPartials:
     def set_norm_type(self, pnorm: PNorm) -> None:
         """A new norm type (a clipper's restored state): partials taken so far no longer apply."""
         self.pnorm = pnorm
-        self._records = [None] * len(self._records)
+        self._records = {}
 
 
 def _storage_owner(tensor: Tensor) -> Tensor:

@@ -126,12 +126,14 @@ def piece_norms(
     pnorm: PNorm,
     foreach: bool | None,
     foreach_supported: bool | None = None,
+    wide: bool = False,
 ) -> Tensor:
     """The norms of ``whole`` and of every row of ``blocks`` (all of ``dtype`` on ``device``), as
-    one float64 vector in :attr:`Pieces.value_units` order."""
+    one float64 vector in :attr:`Pieces.value_units` order; accumulated in float64 where
+    ``wide`` (else in float32 unless the gradients are float64)."""
     # p < 0: the sum is ruled by the few smallest elements' huge |x|**p, which float32
     # adds ~1e-3 off over a large tensor (rarely used, so exactness wins over speed here).
-    wide = dtype == torch.float64 or pnorm.p < 0
+    wide = wide or dtype == torch.float64 or pnorm.p < 0
     accumulate = torch.float64 if wide else torch.float32
     norms: list[Tensor] = []
     if use_foreach(foreach, whole, device, foreach_supported):

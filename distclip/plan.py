@@ -131,7 +131,7 @@ class NormPlan:
         return [g._local_tensor if d else g for g, d in zip(grads, self.is_dtensor)]
 
     def _bucket_norms(
-        self, bucket: _Bucket, local: Sequence[Tensor], pnorm: PNorm, foreach: bool | None
+        self, bucket: _Bucket, local: Sequence[Tensor], pnorm: PNorm, foreach: bool | None, wide: bool
     ) -> tuple[Tensor, Tensor | None]:
         """Per-piece norms (float64) of one bucket, and each one's group id."""
         views = bucket.runs.views(local) if bucket.runs is not None else None
@@ -141,17 +141,19 @@ class NormPlan:
         else:
             whole, blocks = piece_tensors(bucket.pieces, local)
             group_ids = bucket.group_ids
-        norms = piece_norms(whole, blocks, bucket.dtype, bucket.device, pnorm, foreach, bucket.foreach_supported)
+        norms = piece_norms(whole, blocks, bucket.dtype, bucket.device, pnorm, foreach, bucket.foreach_supported, wide)
         return norms, group_ids
 
-    def gradient_partial(self, index: int, tensor: Tensor, pnorm: PNorm, foreach: bool | None) -> Tensor:
+    def gradient_partial(
+        self, index: int, tensor: Tensor, pnorm: PNorm, foreach: bool | None, wide: bool = False
+    ) -> Tensor:
         """The partial of gradient ``index`` alone (its local tensor ``tensor``): its owned
         elements' powered norms combined, float64, 0-dim, on the reduction device.
         :meth:`partials_from_gradients` combines these as :meth:`partials` combines buckets."""
         numel = tensor.numel()
         pieces = split_ranges(((0, start, stop, numel) for start, stop in self.owned_ranges[index]), tensor.device)
         whole, blocks = piece_tensors(pieces, [tensor])
-        norms = piece_norms(whole, blocks, tensor.dtype, tensor.device, pnorm, foreach)
+        norms = piece_norms(whole, blocks, tensor.dtype, tensor.device, pnorm, foreach, wide=wide)
         return pnorm.combine(pnorm.powered(norms)).to(self.device)
 
     def partials_from_gradients(self, values: Sequence[Tensor], pnorm: PNorm) -> Tensor:
@@ -165,12 +167,13 @@ class NormPlan:
             return total
         return torch.cat([total, pnorm.combine_by_group(stacked, self.owned_slot_ids, self.num_groups)])
 
-    def partials(self, local: Sequence[Tensor], pnorm: PNorm, foreach: bool | None) -> Tensor:
+    def partials(self, local: Sequence[Tensor], pnorm: PNorm, foreach: bool | None, wide: bool = False) -> Tensor:
         """This rank's partials: ``[total, group 0, ..., group k-1]``, float64 on the
-        reduction device."""
+        reduction device.  ``wide``: accumulate every norm in float64 (gradients still
+        multiplied by a large loss scale, whose squares float32 cannot hold)."""
         totals, per_group = [], []
         for bucket in self.buckets:
-            norms, group_ids = self._bucket_norms(bucket, local, pnorm, foreach)
+            norms, group_ids = self._bucket_norms(bucket, local, pnorm, foreach, wide)
             values = pnorm.powered(norms)
             totals.append(pnorm.combine(values).reshape(1))
             if self.num_groups:
@@ -192,14 +195,15 @@ class NormPlan:
     ) -> tuple[Tensor, Tensor, Tensor | None]:
         """Partials and the copy check -> the one all-reduce -> ``(norms, invalid, extra)``: the
         k norms ``[total, groups]`` in the output dtype on the output device (divided by
-        ``divide_by`` first, in float64: GradScaler's scale), True where a rank reported a
+        ``divide_by`` first, in float64: GradScaler's scale, with every norm then accumulated in
+        float64), True where a rank reported a
         problem or the copies assumed differ, and the float64 vector ``extra`` summed over the
         group (None when not given).  Problems (the plan's, and ``problems`` the caller found in
         this step's other input) are raised on every rank that knows of them.  ``partials``:
         this rank's partials when already taken (:mod:`distclip.overlap`)."""
         problems = {**self.problems, **problems} if problems else self.problems
         reduced = all_reduce_partials(
-            self.partials(local, pnorm, foreach) if partials is None else partials,
+            self.partials(local, pnorm, foreach, wide=divide_by is not None) if partials is None else partials,
             self.presence,
             problems,
             pnorm,

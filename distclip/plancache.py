@@ -1,4 +1,4 @@
-"""The functional API plans once: NormPlans cached by what decides them.
+"""Plans once: NormPlans cached by what decides them, for the functional API and GradClipper.
 
 ``clip_grad_norm_`` and ``get_total_norm`` are called every step with the same parameters, and
 planning (ownership, copy sets, (device, dtype) buckets) costs more than the kernels on models
@@ -28,6 +28,12 @@ sent.  The one layout change the key does not see is an
 in-place reshape keeping element count and number of dims (only ``.data`` assignment or
 ``resize_`` can reshape a parameter's gradient); the norm does not depend on it, only the copy
 check's layout hash would lag.  Inputs with problems are never cached (they raise anyway).
+
+A :class:`distclip.GradClipper` keeps a cache of its own with the same key, except that in place
+of the copy groups it puts what they and its per-group membership are a function of: its
+parameter list's version and which of those parameters have gradients (``fixed``).  So a dtype
+or device change, a new FSDP1 unit holding the gradients, a strided or DTensor gradient where
+there was another, or a new parameter list all find (or make) the plan made for exactly that.
 """
 
 from __future__ import annotations
@@ -48,13 +54,40 @@ from distclip.topology import Topology, current_accelerator
 # Enough for a few models (or a model and its EMA copy) clipped alternately.
 MAX_PLANS = 16
 
-_plans: dict[Hashable, tuple[NormPlan, list[weakref.ref]]] = {}
-# The same plans again, keyed by the identity of DTensor gradients' specs (see _specs_key).
-_by_specs: dict[Hashable, tuple[NormPlan, list[weakref.ref]]] = {}
 _dtype = operator.attrgetter("dtype")
 _device = operator.attrgetter("device")
 _spec = operator.attrgetter("_spec")
 _local = operator.attrgetter("_local_tensor")
+
+
+class PlanCache:
+    """Plans by key, at most ``size`` of them (the oldest goes), each dropped when a mesh or
+    DTensorSpec in its key is freed; and the same plans again by the identity of DTensor
+    gradients' specs (see :func:`_specs_key`)."""
+
+    def __init__(self, size: int = MAX_PLANS) -> None:
+        self.size = size
+        self.plans: dict[Hashable, tuple[NormPlan, list[weakref.ref]]] = {}
+        self.by_specs: dict[Hashable, tuple[NormPlan, list[weakref.ref]]] = {}
+
+    def remember(self, by_specs: bool, key: Hashable, referents: Sequence[object], plan: NormPlan) -> None:
+        """Keep ``plan`` under ``key`` until one of ``referents`` is freed: they are in ``key``
+        by id and not kept alive (a mesh holds the user's process groups), so a new object at a
+        freed one's address cannot match.  Hashing a key again to keep LRU order costs, so the
+        oldest entry goes, not the least used."""
+        cache = self.by_specs if by_specs else self.plans
+        forget = lambda _, key=key: cache.pop(key, None)  # noqa: E731
+        cache[key] = (plan, [weakref.ref(referent, forget) for referent in referents])
+        if len(cache) > self.size:
+            del cache[next(iter(cache))]
+
+    def clear(self) -> None:
+        self.plans.clear()
+        self.by_specs.clear()
+
+
+# The functional API's plans, shared by all its calls in the process.
+_shared = PlanCache()
 
 
 def cached_plan(
@@ -62,62 +95,69 @@ def cached_plan(
     topology: Topology,
     known: Mapping[int, Attribution | OwnershipError] | None = None,
     keys: Sequence[Tensor] | None = None,
+    *,
+    group_of: Sequence[int] | None = None,
+    num_groups: int = 0,
+    cache: PlanCache | None = None,
+    fixed: Hashable | None = None,
 ) -> NormPlan:
-    """The NormPlan for ``grads`` (arguments as for :class:`NormPlan`), reused across calls."""
-    by_specs = _specs_key(grads, topology, known)
+    """The NormPlan for ``grads`` (arguments as for :class:`NormPlan`), reused across calls.
+
+    ``cache``: a caller's own cache instead of the process-wide one.  ``fixed``: from a caller
+    that knows what ``keys``, ``group_of`` and the copy groups of ``keys`` are a function of (a
+    GradClipper: its parameter list's version and which parameters have gradients); it goes in
+    the key instead of the groups a ``replica_group`` callable returns, which is then asked only
+    when a plan is made.
+    """
+    cache = _shared if cache is None else cache
+    by_specs = _specs_key(grads, topology, known, fixed)
     if by_specs is not None:
-        entry = _by_specs.get(by_specs[0])
+        entry = cache.by_specs.get(by_specs[0])
         if entry is not None:
             return entry[0]
-    key, meshes = _plan_key(grads, topology, known, keys)
+    key, meshes = _plan_key(grads, topology, known, keys, fixed)
     try:
-        entry = None if key is None else _plans.get(key)
+        entry = None if key is None else cache.plans.get(key)
     except TypeError:  # a replica_group callable returned something unhashable: the plan reports it
         key = entry = None
     if entry is not None:
         plan = entry[0]
     else:
-        plan = NormPlan(grads, topology, known, keys=keys)
+        plan = NormPlan(grads, topology, known, group_of, num_groups, keys)
         if key is None or plan.problems:
             return plan
-        _remember(_plans, key, meshes, plan)
+        cache.remember(False, key, meshes, plan)
     if by_specs is not None:
-        _remember(_by_specs, *by_specs, plan)
+        cache.remember(True, *by_specs, plan)
     return plan
 
 
-def _remember(cache: dict, key: Hashable, referents: Sequence[object], plan: NormPlan) -> None:
-    """``cache[key] = plan`` until one of ``referents`` is freed: they are in ``key`` by id and
-    not kept alive (a mesh holds the user's process groups), so a new object at a freed one's
-    address cannot match.  At most MAX_PLANS entries: the oldest goes (hashing a key again to
-    keep LRU order costs)."""
-    forget = lambda _, key=key: cache.pop(key, None)  # noqa: E731
-    cache[key] = (plan, [weakref.ref(referent, forget) for referent in referents])
-    if len(cache) > MAX_PLANS:
-        del cache[next(iter(cache))]
-
-
 def clear_plans() -> None:
-    """Forget every cached plan (and the process groups and meshes they hold)."""
-    _plans.clear()
-    _by_specs.clear()
+    """Forget every plan of the process-wide cache (and the process groups and meshes they
+    hold)."""
+    _shared.clear()
 
 
 def _specs_key(
-    grads: Sequence[Tensor], topology: Topology, known: Mapping[int, Attribution | OwnershipError] | None
+    grads: Sequence[Tensor],
+    topology: Topology,
+    known: Mapping[int, Attribution | OwnershipError] | None,
+    fixed: Hashable | None,
 ) -> tuple[Hashable, list[DTensorSpec]] | None:
     """A cheaper key when every gradient is a DTensor (FSDP2, tensor parallel): their specs by
     identity, with their local tensors' layout, all from C-level maps.  A spec stands for its
     mesh, placements and global shape because torch never changes one in place (a DTensor whose
     layout changes gets a new spec; FSDP2 gives every step's gradient of a parameter the same
-    one).  None where it does not apply (plain tensors, FSDP1, a ``replica_group`` callable)."""
-    if not grads or known or topology.replica_of is not None or set(map(type, grads)) != {DTensor}:
+    one).  None where it does not apply (plain tensors, FSDP1, a ``replica_group`` callable
+    without ``fixed``)."""
+    if not grads or known or (topology.replica_of is not None and fixed is None) or set(map(type, grads)) != {DTensor}:
         return None
     specs = list(map(_spec, grads))
     local = list(map(_local, grads))
     key = (
         topology,
         current_accelerator(),
+        fixed,
         tuple(map(id, specs)),
         tuple(map(Tensor.numel, local)),
         tuple(map(Tensor.dim, local)),
@@ -128,32 +168,40 @@ def _specs_key(
     return key, list({id(spec): spec for spec in specs}.values())
 
 
+def layout_key(grads: Sequence[Tensor], meshes: dict[int, DeviceMesh]) -> Hashable:
+    """Per gradient, in order, what a plan depends on: type, element count, dims, dtype, device;
+    for a DTensor its mesh (by id, added to ``meshes``), placements, global shape and its local
+    tensor's.  Per attribute a C-level map over the list where no DTensor is involved."""
+    types = tuple(map(type, grads))
+    if any(issubclass(kind, DTensor) for kind in set(types)):
+        return types, tuple(
+            _dtensor_layout(grad, meshes) if isinstance(grad, DTensor) else _tensor_layout(grad) for grad in grads
+        )
+    return (
+        types,
+        tuple(map(Tensor.numel, grads)),
+        tuple(map(Tensor.dim, grads)),
+        tuple(map(_dtype, grads)),
+        tuple(map(_device, grads)),
+    )
+
+
 def _plan_key(
     grads: Sequence[Tensor],
     topology: Topology,
     known: Mapping[int, Attribution | OwnershipError] | None,
     keys: Sequence[Tensor] | None,
+    fixed: Hashable | None,
 ) -> tuple[Hashable | None, list[DeviceMesh]]:
     if known and any(isinstance(a, OwnershipError) for a in known.values()):
         return None, []
-    types = tuple(map(type, grads))
     meshes: dict[int, DeviceMesh] = {}
-    if any(issubclass(kind, DTensor) for kind in set(types)):
-        layout: tuple = tuple(
-            _dtensor_layout(grad, meshes) if isinstance(grad, DTensor) else _tensor_layout(grad) for grad in grads
-        )
-    else:  # per attribute a map over the list: the common case, kept in C
-        layout = (
-            tuple(map(Tensor.numel, grads)),
-            tuple(map(Tensor.dim, grads)),
-            tuple(map(_dtype, grads)),
-            tuple(map(_device, grads)),
-        )
+    layout = layout_key(grads, meshes)
     copy_groups = None
-    if topology.replica_of is not None:
+    if topology.replica_of is not None and fixed is None:
         try:
             returned = tuple(map(topology.replica_of, grads if keys is None else keys))
-        except ValueError:  # reported by the ownership pass, through the reduction: no plan kept
+        except Exception:  # reported by the ownership pass, through the reduction: no plan kept
             return None, []
         # A 1-D mesh stands for its process group (the same ranks): the key keeps no mesh alive.
         as_group = {id(g): g.get_group() if isinstance(g, DeviceMesh) and g.ndim == 1 else g for g in returned}
@@ -161,7 +209,7 @@ def _plan_key(
     return (
         topology,
         current_accelerator(),
-        types,
+        fixed,
         layout,
         tuple(sorted(known.items())) if known else (),
         copy_groups,

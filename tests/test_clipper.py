@@ -205,9 +205,9 @@ def _resume():
         norms.append(clipper.clip_().total_norm.item())
         if step == 1:
             saved = copy.deepcopy(clipper.state_dict())
-    resumed = distclip.GradClipper(model, max_norm=1.0)
+    resumed = distclip.GradClipper(model, max_norm=0.05, nonfinite="skip")
     resumed.load_state_dict(saved)
-    assert resumed.max_norm == 0.05 and resumed.nonfinite == "skip" and resumed.steps == 2
+    assert resumed.steps == 2
     for step in (2, 3):
         model.zero_grad()
         backward(model, batch(dist.get_rank() + step))
@@ -216,6 +216,29 @@ def _resume():
     assert state == clipper.state_dict(), (state, clipper.state_dict())
     assert state["history"] == pytest.approx(norms, rel=0, abs=0)
     return state
+
+
+def test_a_checkpoint_restores_state_not_settings():
+    model = build()
+    saved_by = distclip.GradClipper(model, max_norm=1.0, norm_type=2.0, nonfinite="propagate")
+    backward(model, batch(0))
+    saved_by.clip_()
+    state = saved_by.state_dict()
+    resumed = distclip.GradClipper(model, max_norm=0.05, norm_type=1.0, nonfinite="error")
+    with pytest.warns(UserWarning, match=r"max_norm=0.05 \(the checkpoint has 1.0\).*norm_type=1.0 \(the checkpoint has 2.0\)"
+                      r".*nonfinite='error' \(the checkpoint has 'propagate'\)"):
+        resumed.load_state_dict(state)
+    assert resumed.steps == 1 and list(resumed.history) == list(saved_by.history)
+    model.zero_grad()
+    backward(model, batch(1))
+    grads = [p.grad.double().flatten() for p in model.parameters()]
+    result = resumed.clip_()
+    expected = torch.linalg.vector_norm(torch.cat(grads), 1.0).item()
+    assert result.total_norm.item() == pytest.approx(expected, rel=1e-6)
+    assert result.max_norm.item() == pytest.approx(0.05)
+    model.layers[0].weight.grad[0, 0] = float("nan")
+    with pytest.raises(RuntimeError, match="non-finite"):
+        resumed.clip_()
 
 
 def test_state_dict_resume_continues_the_same_history_on_every_rank(ranks):

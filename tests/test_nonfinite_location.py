@@ -55,13 +55,13 @@ def _poison(model, kind, name, rank):
             flat = unit._handle.flat_param if unit._handle is not None else None
             prefix = next((p for p, m in model.named_modules() if m is unit), "")
             for fqn, info in zip(flat._fqns if flat is not None else (), flat._shard_param_infos if flat is not None else ()):
-                full = distclip.nonfinite.clean_tensor_name(f"{prefix}.{fqn}" if prefix else fqn)
+                full = distclip.gradients.clean_name(f"{prefix}.{fqn}" if prefix else fqn)
                 if full == name and info.in_shard:
                     flat.grad[info.offset_in_shard] = float("nan")
                     return
         raise AssertionError(f"{name} has no element on rank {rank}")
     named = model.module.named_parameters() if kind.startswith("ddp") else model.named_parameters()
-    params = {distclip.nonfinite.clean_tensor_name(n): p for n, p in named}
+    params = {distclip.gradients.clean_name(n): p for n, p in named}
     grad = params[name].grad
     piece = local(grad)
     assert piece.numel(), f"{name} has no element on rank {rank}"
@@ -117,4 +117,4 @@ def test_nonfinite_report_is_empty_when_every_gradient_is_finite(ranks):
 
 def test_nonfinite_report_without_a_module_names_parameters_by_index(ranks):
     # build(): layers.0.weight, layers.0.bias, layers.1.weight, ... so layers.1.bias is index 3
-    assert ranks(2).run(_report, "ddp", [("layers.1.bias", 0)], True) == [{"parameter 3": [0]}] * 2
+    assert ranks(2).run(_report, "ddp", [("layers.1.bias", 0)], True) == [{"parameters[3]": [0]}] * 2

@@ -54,12 +54,12 @@ def test_repeated_calls_on_the_same_parameters_reuse_one_plan():
     plancache.clear_plans()
     params = _params([(8, 4), (4,)])
     _clip_exactly(params)
-    (plan,) = [entry[0] for entry in plancache._plans.values()]
+    (plan,) = [entry[0] for entry in plancache._shared.plans.values()]
     for seed in range(3):  # new values each step: still the one plan
         for p, fresh in zip(params, _params([(8, 4), (4,)], seed=seed + 1)):
             p.grad = fresh.grad
         _clip_exactly(params)
-    assert [entry[0] for entry in plancache._plans.values()] == [plan]
+    assert [entry[0] for entry in plancache._shared.plans.values()] == [plan]
 
 
 def test_a_swapped_grad_tensor_is_clipped_and_the_old_one_left_alone():
@@ -219,11 +219,11 @@ def _plans_by_spec_go_with_their_specs():
     grads = [DTensor.from_local(torch.randn(4, 4), mesh, [Shard(0)]) for _ in range(3)]
     plancache.clear_plans()
     distclip.get_total_norm(grads)
-    entries = len(plancache._by_specs)
+    entries = len(plancache._shared.by_specs)
     del grads
     gc.collect()
     # A new spec at a freed one's address must not find the freed one's plan.
-    return entries, len(plancache._by_specs)
+    return entries, len(plancache._shared.by_specs)
 
 
 def test_plans_found_by_specs_are_forgotten_when_a_spec_is_freed(ranks):

@@ -23,10 +23,10 @@ import functools
 from typing import Any, Iterable
 
 import torch
-from torch import Tensor, nn
+from torch import Tensor
 
 import distclip
-from distclip import fsdp1
+from distclip.gradients import fsdp1_root_among
 
 # DistributedType values whose clipping happens inside another engine.
 _OWN_ENGINES = ("DEEPSPEED", "XLA")
@@ -50,22 +50,11 @@ def clip_grad_norm_(
         return type(accelerator).clip_grad_norm_(accelerator, parameters, max_norm, norm_type)
     accelerator.unscale_gradients()
     parameters = list(parameters)
-    return distclip.clip_grad_norm_(_fsdp1_model_of(accelerator, parameters), max_norm, norm_type)
+    fsdp1_model = fsdp1_root_among(accelerator._models, parameters)
+    return distclip.clip_grad_norm_(parameters if fsdp1_model is None else fsdp1_model, max_norm, norm_type)
 
 
 def install(accelerator: Any) -> Any:
     """Make ``accelerator.clip_grad_norm_`` this module's function; returns ``accelerator``."""
     accelerator.clip_grad_norm_ = functools.partial(clip_grad_norm_, accelerator)
     return accelerator
-
-
-def _fsdp1_model_of(accelerator: Any, parameters: list[Tensor]) -> nn.Module | list[Tensor]:
-    """The prepared FSDP1 model whose parameters ``parameters`` are, or ``parameters``."""
-    for model in accelerator._models:
-        if fsdp1.has_units(model) and _same_tensors(parameters, list(model.parameters())):
-            return model
-    return parameters
-
-
-def _same_tensors(these: list[Tensor], those: list[Tensor]) -> bool:
-    return len(these) == len(those) and all(a is b for a, b in zip(these, those))

@@ -1,0 +1,105 @@
+"""One step's decision from its global norms: the non-finite policy, spike skipping, the threshold
+and the coefficient.
+
+The rule, in order, from the global pre-clip norm ``g`` and the global loss:
+
+1. ``nonfinite`` says what a NaN/inf ``g`` does: ``"propagate"`` (torch's behaviour: the
+   coefficient is NaN or 0), ``"error"`` (RuntimeError on every rank naming where the NaN/inf
+   gradients are; reading ``g`` on the host is the one sync of this policy), ``"skip"`` (the
+   step is skipped).  A non-finite ``g`` the optimizer skips anyway (GradScaler's overflow step,
+   ``tolerated``) is the scaler's business: no error.
+2. :class:`~distclip.SpikeSkip` may skip the step too (a spike of ``g`` or of the loss).
+3. The threshold is ``max_norm`` or a threshold policy's value (:mod:`distclip.policies`); a
+   skipped step enters no policy's state.
+4. The coefficient is torch's, ``min(threshold / (g + 1e-6), 1)``, and exactly 1 (gradients left
+   as they are) when the step is skipped or a rank reported a problem (``invalid``).
+
+Everything stays on the device as 0-dim tensors: no host sync but rule 1's ``"error"``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Callable
+
+import torch
+from torch import Tensor
+
+from distclip.policies import SpikeSkip, ThresholdPolicy
+from distclip.scaling import clip_coefficient
+
+NONFINITE_POLICIES = ("propagate", "error", "skip")
+
+
+@dataclass
+class ClipResult:
+    """One clipping step, every field identical on every rank.
+
+    ``total_norm`` is the global norm *before* clipping; ``coef`` the factor the gradients were
+    (or, for a fused optimizer, will be) multiplied by; ``nonfinite`` a 0-dim bool tensor, True
+    when the norm was NaN or infinite; ``group_norms`` the pre-clip norm of each group;
+    ``max_norm`` the threshold applied (the float, or the policy's value); ``skipped`` a 0-dim
+    bool tensor, True when this step's update is skipped (a spike, or a non-finite norm under
+    ``nonfinite="skip"``: the gradients are then left as they are); ``loss`` the mean of the
+    losses passed on the ranks that passed one, on every rank (a pipeline stage without the
+    loss gets it too); NaN when no rank passed one (None would need every rank to know, on the
+    host, whether another passed one: a device sync).
+    """
+
+    total_norm: Tensor
+    coef: Tensor
+    nonfinite: Tensor
+    group_norms: dict[str, Tensor] = field(default_factory=dict)
+    max_norm: Tensor | None = None
+    skipped: Tensor | None = None
+    loss: Tensor | None = None
+
+
+def check_nonfinite_policy(nonfinite: str) -> str:
+    if nonfinite not in NONFINITE_POLICIES:
+        raise ValueError(f"distclip: nonfinite must be one of {NONFINITE_POLICIES}, got {nonfinite!r}")
+    return nonfinite
+
+
+def decide(
+    norms: Tensor,
+    invalid: Tensor,
+    loss_sums: Tensor,
+    *,
+    group_names: list[str],
+    nonfinite: str,
+    max_norm: float | ThresholdPolicy,
+    skip_spikes: SpikeSkip | None,
+    locate: Callable[[], str],
+    step: int,
+    tolerated: Tensor | None = None,
+) -> ClipResult:
+    """The step's :class:`ClipResult` from the reduction's outcome.
+
+    ``norms``: ``[total, group 0, ...]`` in the output dtype; ``invalid``: True when a rank
+    reported a problem; ``loss_sums``: ``[sum of the losses passed, how many ranks passed one]``
+    (float64); ``locate``: describes where the NaN/inf gradients are (a collective: every rank
+    calls it, which they do together since the norm they read is the same); ``tolerated``: a
+    0-dim tensor, nonzero when the optimizer skips this step anyway (GradScaler's ``found_inf``).
+    """
+    total = norms[0]
+    nonfinite_now = total.isnan() | total.isinf()
+    if nonfinite == "error" and bool(nonfinite_now) and not (tolerated is not None and bool(tolerated)):
+        raise RuntimeError(
+            f"distclip: the global gradient norm is non-finite ({total.item()}) on step {step}: "
+            f"NaN/inf gradients in {locate()}"
+        )
+    skipped = nonfinite_now if nonfinite == "skip" else torch.zeros_like(nonfinite_now)
+    norm = total.to(torch.float64)
+    loss_sum, loss_count = loss_sums.to(total.device).unbind()
+    global_loss = loss_sum / loss_count  # NaN when no rank passed one
+    if skip_spikes is not None:
+        skipped = skipped | skip_spikes.step(norm, global_loss, loss_count > 0, skipped)
+    if isinstance(max_norm, float):
+        threshold = torch.full((), max_norm, dtype=total.dtype, device=total.device)
+        coef = clip_coefficient(max_norm, total, keep=invalid | skipped)
+    else:
+        threshold = max_norm.step(norm, ~skipped).to(total.dtype)
+        coef = clip_coefficient(threshold, total, keep=invalid | skipped)
+    groups = {name: norms[1 + i] for i, name in enumerate(group_names)}
+    return ClipResult(total, coef, nonfinite_now, groups, threshold, skipped, global_loss.to(total.dtype))
