@@ -85,8 +85,7 @@ class FusedCheck:
             )
         return (
             takes_grad_scale(self.optimizer)
-            and not unclipped
-            and len({id(p) for p in stepped}) == len(clipped)
+            and {id(p) for p in stepped} == clipped
             and not any(isinstance(p, DTensor) for p in stepped)
         )
 

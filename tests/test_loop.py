@@ -5,6 +5,7 @@ GradScaler recipes), each step's norm and clipped gradients are those of the mod
 References: the float64 norm of the model's gradients at that step, or torch's own clip and
 step on an identical twin."""
 
+import contextlib
 import copy
 import math
 
@@ -198,6 +199,32 @@ def test_parameters_stepped_but_not_clipped_take_the_normal_pass_and_warn():
     expected = torch.nn.utils.clip_grad_norm_(clipped, 0.05)
     optimizers[1].step()
     assert clipper.last.total_norm.item() == pytest.approx(expected.item(), rel=1e-5)
+    for a, b in zip(ours.parameters(), theirs.parameters()):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+
+
+def test_an_optimizer_stepping_other_parameters_than_the_clipped_ones_is_not_fused():
+    ours = _net()
+    ours.adapters.append(nn.Linear(16, 16))
+    theirs = copy.deepcopy(ours)
+    # As many parameters each, but the optimizer steps the adapter's bias, the clipper clips
+    # its weight instead: the bias must not get a coefficient it did not contribute to.
+    clipped, stepped = ([p for name, p in model.named_parameters() if name != skip] for model, skip in
+                        ((ours, "adapters.0.bias"), (ours, "adapters.0.weight")))
+    optimizer = torch.optim.AdamW(stepped, lr=0.01, fused=True)
+    clipper = distclip.GradClipper(clipped, max_norm=0.05)
+    clipper.attach(optimizer)
+    their_clipped, their_stepped = ([p for name, p in theirs.named_parameters() if name != skip]
+                                    for skip in ("adapters.0.bias", "adapters.0.weight"))
+    their_optimizer = torch.optim.AdamW(their_stepped, lr=0.01, fused=True)
+    for step in range(2):
+        for model in (ours, theirs):
+            model.zero_grad(set_to_none=True)
+            backward(model, batch(step))
+        with pytest.warns(UserWarning, match="steps 1 parameter") if step == 0 else contextlib.nullcontext():
+            optimizer.step()
+        torch.nn.utils.clip_grad_norm_(their_clipped, 0.05)
+        their_optimizer.step()
     for a, b in zip(ours.parameters(), theirs.parameters()):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
 
