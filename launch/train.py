@@ -18,6 +18,7 @@ import math
 import os
 import sys
 import time
+import warnings
 from datetime import timedelta
 from pathlib import Path
 
@@ -27,6 +28,8 @@ import torch.nn.functional as F
 from torch import nn
 
 import distclip
+from distclip.partials import PNorm
+from distclip.scaling import check_max_norm
 
 PARALLELISMS = ("ddp", "fsdp2", "hsdp", "fsdp2+tp", "pp", "fsdp1")
 CLIP_POLICIES = ("fixed", "zclip", "autoclip")
@@ -47,6 +50,8 @@ def fail(message: str) -> None:
     quietly with status 0.  A worker that *fails* makes torchrun stop the others at once, which
     could kill rank 0 before it says why; workers that succeed leave torchrun waiting for rank 0,
     whose status 2 is the job's."""
+    if dist.is_initialized():  # a problem found after the start (a checkpoint that cannot apply)
+        dist.destroy_process_group()
     if int(os.environ.get("RANK", "0")) != 0:
         sys.exit(0)
     # One write: print() writes the text and the newline separately, and torchrun's agent shares
@@ -57,6 +62,7 @@ def fail(message: str) -> None:
 
 
 def parse_args(argv=None) -> argparse.Namespace:
+    """The command line, checked before any process group starts (:func:`check_args`)."""
     p = _Parser(description=__doc__.split("\n\n")[0])
     p.add_argument("--parallel", default="ddp", help=" | ".join(PARALLELISMS))
     p.add_argument("--steps", type=int, default=300)
@@ -92,16 +98,43 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--inject-failure", default=None, metavar="STEP:RANK",
                    help="raise on RANK at STEP between backward and clip (to test that the others fail, not hang)")
     args = p.parse_args(argv)
+    check_args(args, world=int(os.environ.get("WORLD_SIZE", "1")))
+    return args
 
-    world = int(os.environ.get("WORLD_SIZE", "1"))
+
+_AT_LEAST_ONE = (lambda v: v >= 1, "an integer >= 1")
+# The allowed range of each numeric argument the run divides by, reshapes with or waits on:
+# (test, the range in words).  --max-norm and --norm-type are distclip's to judge.
+ARGUMENT_RANGES = {
+    "steps": _AT_LEAST_ONE, "global_batch": _AT_LEAST_ONE, "grad_accum": _AT_LEAST_ONE,
+    "seq_len": _AT_LEAST_ONE, "dim": _AT_LEAST_ONE, "layers": _AT_LEAST_ONE, "heads": _AT_LEAST_ONE,
+    "tp": _AT_LEAST_ONE, "replicas": _AT_LEAST_ONE, "microbatches": _AT_LEAST_ONE,
+    "save_every": (lambda v: v >= 0, "an integer >= 0 (0: never)"),
+    "seed": (lambda v: 0 <= v < 2**32, "an integer in 0..2**32-1"),
+    "lr": (lambda v: 0 <= v < math.inf, "a finite number >= 0"),
+    "pg_timeout": (lambda v: 0 < v < math.inf, "a finite number of seconds > 0"),
+}
+
+
+def check_args(args: argparse.Namespace, world: int) -> None:
+    """Every bad argument ends the job in one line (:func:`fail`), before any process group
+    starts and before the run could divide by it or reshape with it.  ``world`` (torchrun's
+    WORLD_SIZE) decides the divisibility rules.  A ``--resume`` checkpoint's state is read here
+    (``args.checkpoint``), so a model of another shape or a step past ``--steps`` is caught too."""
+    for name, (allowed, words) in ARGUMENT_RANGES.items():
+        if not allowed(getattr(args, name)):
+            fail(f"--{name.replace('_', '-')} must be {words}, got {getattr(args, name)}")
+    for flag, check, value in (("--max-norm", check_max_norm, args.max_norm), ("--norm-type", PNorm.parse, args.norm_type)):
+        try:
+            check(value)
+        except ValueError as error:
+            fail(f"{flag} {value}: {error}")
     if args.parallel not in PARALLELISMS:
         fail(f"unknown --parallel {args.parallel!r}; choose one of {', '.join(PARALLELISMS)}")
     if args.clip not in CLIP_POLICIES:
         fail(f"unknown --clip {args.clip!r}; choose one of {', '.join(CLIP_POLICIES)}")
-    if args.inject_spike is not None and not 1 <= args.inject_spike <= args.steps:
-        fail(f"--inject-spike {args.inject_spike} is not a step of this run (1..{args.steps})")
-    if not args.data.is_file():
-        fail(f"data file {args.data} does not exist")
+    if args.dim % args.heads:
+        fail(f"--dim {args.dim} must be a multiple of --heads {args.heads}")
     if args.parallel == "hsdp" and world % args.replicas:
         fail(f"hsdp needs the world size ({world}) divisible by --replicas {args.replicas}")
     if args.parallel == "fsdp2+tp" and (world % args.tp or args.heads % args.tp):
@@ -109,17 +142,34 @@ def parse_args(argv=None) -> argparse.Namespace:
     if args.parallel == "pp" and (world % 2 or args.layers % 2):
         fail(f"pp runs 2 stages: world size ({world}) and --layers ({args.layers}) must be even")
     dp = data_parallel_size(args.parallel, world, args.tp)
-    if args.global_batch % (dp * args.grad_accum * (args.microbatches if args.parallel == "pp" else 1)):
-        fail(f"--global-batch {args.global_batch} is not divisible by data-parallel size x --grad-accum (x --microbatches for pp)")
-    if args.resume is not None and not args.resume.is_dir():
-        fail(f"checkpoint {args.resume} does not exist")
+    pipeline = args.parallel == "pp"
+    divisor = dp * args.grad_accum * (args.microbatches if pipeline else 1)
+    if args.global_batch % divisor:
+        fail(f"--global-batch {args.global_batch} must be a multiple of {divisor}: the data-parallel size ({dp})"
+             f" x --grad-accum ({args.grad_accum}){f' x --microbatches ({args.microbatches})' if pipeline else ''}")
+    if not args.data.is_file():
+        fail(f"data file {args.data} does not exist")
+    longest = args.data.stat().st_size - 2  # a window holds seq_len + 1 tokens (inputs and shifted targets)
+    if args.seq_len > longest:
+        fail(f"--seq-len must be at most {longest} for data file {args.data}, got {args.seq_len}")
+    if args.inject_spike is not None and not 1 <= args.inject_spike <= args.steps:
+        fail(f"--inject-spike {args.inject_spike} is not a step of this run (1..{args.steps})")
     if args.inject_failure is not None:
         try:
-            args.inject_failure = tuple(int(v) for v in args.inject_failure.split(":"))
-            assert len(args.inject_failure) == 2
-        except (ValueError, AssertionError):
+            step, rank = (int(v) for v in args.inject_failure.split(":"))
+        except ValueError:  # not two parts, or not integers
             fail(f"--inject-failure wants STEP:RANK, got {args.inject_failure!r}")
-    return args
+        args.inject_failure = step, rank
+        if not (1 <= step <= args.steps and 0 <= rank < world):
+            fail(f"--inject-failure {step}:{rank} needs STEP in 1..{args.steps} and RANK in 0..{world - 1}")
+    args.checkpoint = None if args.resume is None else read_checkpoint_state(args.resume)
+    if args.checkpoint is not None:
+        for name, written in args.checkpoint["model"].items():
+            if getattr(args, name) != written:
+                flag = "--" + name.replace("_", "-")
+                fail(f"checkpoint {args.resume} holds a model of {flag} {written}; this run has {flag} {getattr(args, name)}")
+        if args.checkpoint["step"] > args.steps:
+            fail(f"checkpoint {args.resume} is at step {args.checkpoint['step']}, past --steps {args.steps}")
 
 
 def data_parallel_size(parallel: str, world: int, tp: int) -> int:
@@ -139,9 +189,7 @@ class TokenStream:
     vocab_size = 256
 
     def __init__(self, path: Path, seq_len: int, seed: int) -> None:
-        self.tokens = torch.tensor(list(path.read_bytes()), dtype=torch.long)
-        if self.tokens.numel() <= seq_len + 1:
-            fail(f"data file {path} is shorter than --seq-len {seq_len}")
+        self.tokens = torch.tensor(list(path.read_bytes()), dtype=torch.long)  # check_args: long enough
         self.seq_len, self.seed = seq_len, seed
 
     def global_batch(self, step: int, size: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -266,7 +314,10 @@ def parallelize(model: GPT, args, device: torch.device):
     if mesh["dp"].size() > 1:
         fully_shard(stage_module, mesh=mesh["dp"])
     stage = PipelineStage(stage_module, stage_index, 2, device, group=mesh["pp"].get_group())
-    schedule = ScheduleGPipe(stage, n_microbatches=args.microbatches, loss_fn=lm_loss)
+    # scale_grads=False: the schedule's own scaling divides every gradient the stage holds on
+    # each step() call, so with --grad-accum it would divide the earlier micro-batches' share
+    # again; train() averages the sum once, at the accumulation boundary.
+    schedule = ScheduleGPipe(stage, n_microbatches=args.microbatches, loss_fn=lm_loss, scale_grads=False)
     return stage_module, mesh["dp"], schedule
 
 
@@ -289,25 +340,102 @@ def gradient_sync(model: nn.Module, enabled: bool):
 # ----------------------------------------------------------------------------- checkpoints
 
 
-def save_checkpoint(path: Path, model, optimizer, clipper, step: int) -> None:
+CHECKPOINT_STATE = "train_state.json"
+MODEL_SHAPE = ("dim", "layers", "heads", "seq_len")  # the arguments that decide the parameters' shapes
+
+
+def clipper_flags(args: argparse.Namespace) -> str:
+    """The clipping flags of a run, as typed: what a resumed run says it differs in."""
+    flags = [f"--clip {args.clip}"] + ([f"--max-norm {args.max_norm:g}"] if args.clip == "fixed" else [])
+    return " ".join(flags + [f"--norm-type {args.norm_type:g}"] + (["--skip-spikes"] if args.skip_spikes else []))
+
+
+def save_checkpoint(path: Path, model, optimizer, clipper, step: int, args: argparse.Namespace) -> None:
+    """Model and optimizer through ``torch.distributed.checkpoint`` (each rank its shards), then
+    the rest as ``train_state.json`` from rank 0: the step, the model's shape, the clipping flags
+    and the clipper's state (plain values, the same on every rank).
+
+    The clipper stays out of DCP because DCP loads into a template that must hold the
+    checkpoint's keys: a run resumed with another ``--clip`` would fail inside DCP, on every rank,
+    before distclip could say what does not fit.  The JSON file is written last, so a directory
+    without it is a save that did not finish."""
     import torch.distributed.checkpoint as dcp
     from torch.distributed.checkpoint.state_dict import get_state_dict
 
+    state_file = path / CHECKPOINT_STATE
+    if dist.get_rank() == 0:
+        state_file.unlink(missing_ok=True)  # an earlier run's save here is being replaced
     model_state, optim_state = get_state_dict(model, optimizer)
-    dcp.save({"model": model_state, "optim": optim_state,
-              "clipper": clipper.state_dict(), "step": step}, checkpoint_id=str(path))
+    dcp.save({"model": model_state, "optim": optim_state}, checkpoint_id=str(path))
+    if dist.get_rank() == 0:
+        state = {"step": step, "model": {name: getattr(args, name) for name in MODEL_SHAPE},
+                 "clipper_flags": clipper_flags(args), "clipper": clipper.state_dict()}
+        unfinished = state_file.with_suffix(".tmp")
+        unfinished.write_text(json.dumps(state))  # Python's JSON: empty window slots are NaN
+        unfinished.replace(state_file)
 
 
-def load_checkpoint(path: Path, model, optimizer, clipper) -> int:
+def read_checkpoint_state(path: Path) -> dict:
+    """A checkpoint's ``train_state.json``; one line (:func:`fail`) when there is none."""
+    if not path.is_dir():
+        fail(f"checkpoint {path} does not exist")
+    if not (path / CHECKPOINT_STATE).is_file():
+        fail(f"checkpoint {path} has no {CHECKPOINT_STATE}: its save did not finish (or an older train.py wrote it)")
+    return json.loads((path / CHECKPOINT_STATE).read_text())
+
+
+def load_checkpoint(path: Path, state: dict, model, optimizer, clipper, args: argparse.Namespace) -> int:
+    """Restore a checkpoint (``state``: its :func:`read_checkpoint_state`); returns its step.
+
+    The clipper keeps this run's flags and takes the checkpoint's counters, history and policy
+    state (``GradClipper.load_state_dict``); a state that cannot apply (a policy on one side
+    only) ends the job in one line that names both runs' flags."""
     import torch.distributed.checkpoint as dcp
     from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
 
     model_state, optim_state = get_state_dict(model, optimizer)
-    state = {"model": model_state, "optim": optim_state, "clipper": clipper.state_dict(), "step": 0}
-    dcp.load(state, checkpoint_id=str(path))
-    set_state_dict(model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optim"])
-    clipper.load_state_dict(state["clipper"])
+    tensors = {"model": model_state, "optim": optim_state}
+    dcp.load(tensors, checkpoint_id=str(path))
+    set_state_dict(model, optimizer, model_state_dict=tensors["model"], optim_state_dict=tensors["optim"])
+    try:
+        with warnings.catch_warnings():
+            if dist.get_rank() != 0:  # every rank would warn the same: rank 0 says it once
+                warnings.simplefilter("ignore")
+            clipper.load_state_dict(state["clipper"])
+    except ValueError as error:
+        reason = " ".join(str(error).split())  # one line
+        fail(f"cannot resume from {path}: {reason} (it was written with {state['clipper_flags']}; "
+             f"this run has {clipper_flags(args)})")
     return int(state["step"])
+
+
+# ----------------------------------------------------------------------------- metrics
+
+
+def metrics_line(record: dict) -> str:
+    """One line of strict JSON: a non-finite number (the threshold during a policy's warm-up, a
+    NaN norm) is null, since ``Infinity`` and ``NaN`` are not JSON and strict readers reject them."""
+    finite = {key: None if isinstance(v, float) and not math.isfinite(v) else v for key, v in record.items()}
+    return json.dumps(finite, allow_nan=False) + "\n"
+
+
+def open_metrics(path: Path, start: int):
+    """``metrics.jsonl``, open to append step ``start + 1`` on.  A run resumed at ``start`` keeps
+    the lines of steps up to ``start`` already there and drops the rest (steps a crashed run
+    logged after its checkpoint, a line the crash cut short), so each step appears once, in order."""
+    kept = []
+    if start and path.exists():
+        for line in path.read_text().splitlines():
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError:  # cut short by the crash
+                continue
+            if record["step"] <= start:
+                kept.append(metrics_line(record))
+    rewritten = path.with_suffix(".tmp")
+    rewritten.write_text("".join(kept))
+    rewritten.replace(path)
+    return open(path, "a")
 
 
 # ----------------------------------------------------------------------------- training
@@ -340,7 +468,7 @@ def train(args: argparse.Namespace) -> None:
         model, max_norm=threshold, norm_type=args.norm_type, replica_group=replica_group,
         skip_spikes=distclip.SpikeSkip() if args.skip_spikes else None, overlap=args.overlap,
     )
-    start = load_checkpoint(args.resume, model, optimizer, clipper) if args.resume else 0
+    start = 0 if args.resume is None else load_checkpoint(args.resume, args.checkpoint, model, optimizer, clipper, args)
 
     dp = data_parallel_size(args.parallel, world, args.tp)
     dp_rank = replica_group.get_local_rank() if replica_group is not None else (
@@ -350,7 +478,7 @@ def train(args: argparse.Namespace) -> None:
     autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=args.dtype == "bf16")
 
     args.out.mkdir(parents=True, exist_ok=True)
-    log = open(args.out / "metrics.jsonl", "a" if args.resume else "w") if rank == 0 else None
+    log = open_metrics(args.out / "metrics.jsonl", start) if rank == 0 else None
     progress = None
     if rank == 0 and not args.no_progress:
         from tqdm import tqdm
@@ -372,7 +500,6 @@ def train(args: argparse.Namespace) -> None:
                     losses = []
                     first_stage = rank < world // 2  # mesh (pp, dp): stage 0 holds the first ranks
                     schedule.step(*([x] if first_stage else []), target=None if first_stage else y, losses=losses)
-                    # GPipe sums micro-batch gradients; scale to the mean like the others.
                     loss = torch.stack(losses).mean() * spike if losses else None
                 else:
                     with gradient_sync(model, i == args.grad_accum - 1):
@@ -380,11 +507,13 @@ def train(args: argparse.Namespace) -> None:
                         (loss / args.grad_accum).backward()
             if loss is not None:  # the first pipeline stage has none
                 loss_sum += loss.detach() / args.grad_accum
-        if schedule is not None and (args.grad_accum > 1 or spike != 1.0):
-            # The schedule owns backward: average its summed micro-batches, inject the spike here.
+        if schedule is not None:
+            # The schedule owns backward and summed the gradients of all grad_accum x microbatches
+            # pipeline micro-batches: divide once to their mean, as the others, and inject the spike.
+            scale = spike / (args.grad_accum * args.microbatches)
             for p in model.parameters():
                 if p.grad is not None:
-                    p.grad *= spike / args.grad_accum
+                    p.grad *= scale
         if args.inject_failure == (step + 1, rank):
             raise RuntimeError(f"injected failure on rank {rank} at step {step + 1}, between backward and clip")
         # One all-reduce: every element counted once, the same coefficient everywhere, and the
@@ -402,13 +531,13 @@ def train(args: argparse.Namespace) -> None:
             record = {"step": step + 1, "loss": loss_value, "grad_norm": norm, "coef": coef,
                       "clipped_norm": None if skipped else norm * coef, "max_norm": result.max_norm.item(), "skipped": skipped,
                       "tokens_per_s": tokens_per_s}
-            log.write(json.dumps(record) + "\n")
+            log.write(metrics_line(record))
             log.flush()
             if progress is not None:
                 progress.set_postfix(loss=f"{loss_value:.3f}", gnorm=f"{norm:.3f}", coef=f"{coef:.3f}", tok_s=f"{tokens_per_s:.0f}")
                 progress.update(1)
         if args.save_every and (step + 1) % args.save_every == 0:
-            save_checkpoint(args.out / f"step_{step + 1}", model, optimizer, clipper, step + 1)
+            save_checkpoint(args.out / f"step_{step + 1}", model, optimizer, clipper, step + 1, args)
 
     if progress is not None:
         progress.close()
@@ -432,20 +561,21 @@ def plot(metrics: Path, png: Path) -> None:
 
     rows = [json.loads(line) for line in metrics.read_text().splitlines()]
     steps = [r["step"] for r in rows]
+
+    def values(key: str, rows: list[dict] = rows) -> list[float]:  # null (non-finite) is not drawn
+        return [math.nan if r.get(key) is None else r[key] for r in rows]
+
     fig, (left, right) = plt.subplots(1, 2, figsize=(11, 4))
-    left.plot(steps, [r["loss"] for r in rows])
+    left.plot(steps, values("loss"))
     left.set(title="loss", xlabel="step", ylabel="cross-entropy (nats)")
-    right.plot(steps, [r["grad_norm"] for r in rows], label="pre-clip norm")
-    right.plot(steps, [math.nan if r["clipped_norm"] is None else r["clipped_norm"] for r in rows],
-               label="post-clip norm")
-    # The threshold over time (inf during a policy's warm-up is not drawn).
-    right.plot(steps, [r.get("max_norm", math.inf) for r in rows], color="k", linestyle="--", linewidth=1,
-               label="threshold (max_norm)")
+    right.plot(steps, values("grad_norm"), label="pre-clip norm")
+    right.plot(steps, values("clipped_norm"), label="post-clip norm")
+    right.plot(steps, values("max_norm"), color="k", linestyle="--", linewidth=1, label="threshold (max_norm)")
     skipped = [r for r in rows if r.get("skipped")]
     if skipped:
-        right.scatter([r["step"] for r in skipped], [r["grad_norm"] for r in skipped], color="red", marker="x",
+        right.scatter(values("step", skipped), values("grad_norm", skipped), color="red", marker="x",
                       zorder=3, label="skipped step")
-        left.scatter([r["step"] for r in skipped], [r["loss"] for r in skipped], color="red", marker="x", zorder=3)
+        left.scatter(values("step", skipped), values("loss", skipped), color="red", marker="x", zorder=3)
     right.set(title="global gradient norm", xlabel="step", yscale="log")
     right.legend()
     fig.tight_layout()

@@ -1,6 +1,7 @@
 """launch/train.py end to end: every parallelism gives the same grad-norm history (the proof
 that every element is counted once), resume continues it, bad input fails in one line."""
 
+import importlib.util
 import json
 import os
 import socket
@@ -70,18 +71,24 @@ def test_every_parallelism_agrees_with_ddp_on_the_grad_norm_history(parallel, dd
         assert abs(ours - reference) <= 1e-4 * reference, (parallel, history, ddp_history)
 
 
-def test_gradient_accumulation_clips_once_per_step_with_the_same_norms(ddp_history, tmp_path):
-    result = _torchrun(2, *TINY, "--grad-accum", "2", "--out", str(tmp_path), cwd=tmp_path)
+# pp: the pipeline schedule runs backward itself, so its accumulation is train.py's own code.
+@pytest.mark.parametrize("parallel", ["ddp", "pp"])
+def test_gradient_accumulation_clips_once_per_step_with_the_same_norms(parallel, ddp_history, tmp_path):
+    result = _torchrun(2, *TINY, "--parallel", parallel, "--grad-accum", "2", "--out", str(tmp_path), cwd=tmp_path)
     assert result.returncode == 0, result.stderr[-3000:]
     assert _history(tmp_path) == pytest.approx(ddp_history, rel=1e-4)
 
 
-def test_resume_from_a_checkpoint_continues_the_same_history(fsdp2_run, tmp_path):
+def test_resume_into_the_crashed_runs_out_logs_each_step_once(fsdp2_run, tmp_path):
+    # The crashed run logged steps 1-3 after its checkpoint at 2 and died writing step 4's line.
+    logged = (fsdp2_run / "metrics.jsonl").read_text()
+    (tmp_path / "metrics.jsonl").write_text(logged + '{"step": 4, "lo')
     resumed = _torchrun(2, *TINY, "--parallel", "fsdp2", "--resume", str(fsdp2_run / "step_2"),
                         "--out", str(tmp_path), cwd=tmp_path)
     assert resumed.returncode == 0, resumed.stderr[-3000:]
-    assert _history(tmp_path) == _history(fsdp2_run)[2:]
-    assert (fsdp2_run / "metrics.png").stat().st_size > 0
+    assert _history(tmp_path, "step") == [1, 2, 3]
+    assert _history(tmp_path) == _history(fsdp2_run)  # step 3 recomputed: the same history
+    assert (tmp_path / "metrics.png").stat().st_size > 0
 
 
 SPIKY = [*TINY[:-1], "--steps", "32", "--clip", "autoclip", "--skip-spikes", "--inject-spike", "30"]
@@ -97,7 +104,7 @@ def spiky_run(once):
 def test_injected_spike_is_skipped_and_the_threshold_adapts(spiky_run):
     assert [i + 1 for i, s in enumerate(_history(spiky_run, "skipped")) if s] == [30]
     thresholds = _history(spiky_run, "max_norm")
-    assert all(t is None or t == float("inf") for t in thresholds[:24]), thresholds[:24]  # warm-up
+    assert all(t is None for t in thresholds[:24]), thresholds[:24]  # warm-up: no threshold
     norms = _history(spiky_run, "grad_norm")
     assert all(0 < t < max(norms[:29]) * 1.5 for t in thresholds[24:]), thresholds[24:]
     losses = _history(spiky_run, "loss")
@@ -112,34 +119,139 @@ def test_resume_restores_the_threshold_and_spike_windows(spiky_run, tmp_path):
         assert _history(tmp_path, key) == _history(spiky_run, key)[28:], key
 
 
+def _reject(constant: str):
+    raise ValueError(f"{constant} is not JSON")
+
+
+def test_metrics_are_strict_json_with_null_for_the_warm_up_threshold(spiky_run):
+    rows = [json.loads(line, parse_constant=_reject) for line in (spiky_run / "metrics.jsonl").read_text().splitlines()]
+    assert [row["max_norm"] for row in rows[:24]] == [None] * 24  # AutoClip's warm-up: no threshold
+
+
 def _one_error_line(stderr: str, message: str) -> None:
     ours = [line for line in stderr.splitlines() if line.startswith("train.py: error:")]
     assert len(ours) == 1 and message in ours[0], stderr[-2000:]
 
 
+def _no_traceback_from_train_py(stderr: str) -> None:
+    # torchrun's agent reports a failed worker with a traceback of its own (ChildFailedError,
+    # which names the worker's exit code); none may come from the worker.
+    assert f'File "{TRAIN}"' not in stderr, stderr[-3000:]
+
+
+def _exit_code_2_from_rank_0(result) -> None:
+    assert result.returncode != 0  # torchrun's own status is 1 for any failed worker
+    assert "rank      : 0 (local_rank: 0)\n  exitcode  : 2 " in result.stderr, result.stderr[-3000:]
+
+
+@pytest.fixture(scope="module")
+def train_script():
+    """launch/train.py as a module, to check its arguments in this process."""
+    spec = importlib.util.spec_from_file_location("launch_train", TRAIN)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.fixture
+def world_of_2(monkeypatch):
+    """The environment torchrun gives rank 0 of two: the checks read the world size from it."""
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setenv("RANK", "0")
+
+
+def _checked(train_script, args, capsys):
+    """What parse_args says of ``args``: (exit status, stderr lines)."""
+    with pytest.raises(SystemExit) as raised:
+        train_script.parse_args([*args, "--out", "unused"])
+    captured = capsys.readouterr()
+    assert captured.out == ""
+    return raised.value.code, captured.err.splitlines()
+
+
+# Each bad value, and what its line must say: the argument and its allowed range.
+BAD_ARGUMENTS = [
+    (["--steps", "0"], "--steps must be an integer >= 1, got 0"),
+    (["--steps", "three"], "argument --steps: invalid int value: 'three'"),
+    (["--global-batch", "0"], "--global-batch must be an integer >= 1"),
+    (["--grad-accum", "0"], "--grad-accum must be an integer >= 1"),
+    (["--seq-len", "0"], "--seq-len must be an integer >= 1"),
+    (["--seq-len", "100000000"], "--seq-len must be at most"),
+    (["--dim", "0"], "--dim must be an integer >= 1"),
+    (["--layers", "0"], "--layers must be an integer >= 1"),
+    (["--heads", "0"], "--heads must be an integer >= 1"),
+    (["--heads", "5", "--dim", "64"], "--dim 64 must be a multiple of --heads 5"),
+    (["--tp", "0"], "--tp must be an integer >= 1"),
+    (["--replicas", "0"], "--replicas must be an integer >= 1"),
+    (["--microbatches", "0"], "--microbatches must be an integer >= 1"),
+    (["--save-every", "-1"], "--save-every must be an integer >= 0"),
+    (["--seed", "-1"], "--seed must be an integer in 0..2**32-1"),
+    (["--lr", "-0.1"], "--lr must be a finite number >= 0"),
+    (["--lr", "nan"], "--lr must be a finite number >= 0"),
+    (["--pg-timeout", "0"], "--pg-timeout must be a finite number of seconds > 0"),
+    (["--max-norm", "-1"], "--max-norm -1.0: distclip: max_norm must be a non-negative number"),
+    (["--norm-type", "nan"], "--norm-type nan: distclip: unknown norm_type"),
+    (["--global-batch", "6", "--grad-accum", "2"], "--global-batch 6 must be a multiple of 4: the data-parallel size (2) x --grad-accum (2)"),
+    (["--parallel", "pp", "--global-batch", "6", "--grad-accum", "2"], "--global-batch 6 must be a multiple of 4: the data-parallel size (1) x --grad-accum (2) x --microbatches (2)"),
+    (["--parallel", "pp", "--layers", "3"], "--layers (3) must be even"),
+    (["--parallel", "fsdp2+tp", "--tp", "3"], "divisible by --tp 3"),
+    (["--parallel", "hsdp", "--replicas", "4"], "divisible by --replicas 4"),
+    (["--parallel", "zero3"], "unknown --parallel"),
+    (["--clip", "sometimes"], "unknown --clip"),
+    (["--data", "missing.txt"], "data file missing.txt does not exist"),
+    (["--inject-spike", "0"], "--inject-spike 0 is not a step of this run (1..300)"),
+    (["--steps", "3", "--inject-spike", "4"], "--inject-spike 4 is not a step of this run (1..3)"),
+    (["--inject-failure", "2"], "--inject-failure wants STEP:RANK"),
+    (["--steps", "3", "--inject-failure", "4:0"], "needs STEP in 1..3 and RANK in 0..1"),
+    (["--inject-failure", "1:2"], "needs STEP in 1..300 and RANK in 0..1"),
+    (["--resume", "missing"], "checkpoint missing does not exist"),
+]
+
+
+@pytest.mark.parametrize("args,message", BAD_ARGUMENTS, ids=[" ".join(args) for args, _ in BAD_ARGUMENTS])
+def test_a_bad_argument_is_one_line_naming_it_and_exit_status_2(train_script, world_of_2, args, message, capsys):
+    status, lines = _checked(train_script, args, capsys)
+    assert status == 2 and len(lines) == 1, lines
+    assert lines[0].startswith("train.py: error: ") and message in lines[0], lines
+
+
+def test_good_arguments_pass_the_checks(train_script, world_of_2):
+    assert train_script.parse_args([*TINY, "--parallel", "pp", "--grad-accum", "2"]).grad_accum == 2
+
+
+def test_a_checkpoint_without_its_state_file_is_one_line(train_script, world_of_2, tmp_path, capsys):
+    status, lines = _checked(train_script, ["--resume", str(tmp_path)], capsys)
+    assert status == 2 and lines == [f"train.py: error: checkpoint {tmp_path} has no train_state.json: "
+                                     "its save did not finish (or an older train.py wrote it)"]
+
+
 @pytest.mark.parametrize(
     "args,message",
-    [
-        (["--parallel", "zero3"], "unknown --parallel"),
-        (["--data", "missing.txt"], "does not exist"),
-        (["--clip", "sometimes"], "unknown --clip"),
-        (["--inject-spike", "0"], "not a step of this run"),
-    ],
+    [(["--dim", "64"], "holds a model of --dim 32; this run has --dim 64"),
+     (["--steps", "1"], "is at step 2, past --steps 1")],
 )
-def test_bad_arguments_fail_with_one_line(args, message, tmp_path):
-    # Checked before any process group exists: one process shows it (torchrun adds nothing).
-    result = subprocess.run([sys.executable, str(TRAIN), *args, "--out", str(tmp_path)],
-                            capture_output=True, text=True, timeout=120, cwd=tmp_path)
-    assert result.returncode == 2
-    _one_error_line(result.stderr, message)
-    assert "Traceback" not in result.stdout + result.stderr
+def test_resuming_a_checkpoint_that_cannot_fit_is_one_line(train_script, world_of_2, fsdp2_run, args, message, capsys):
+    status, lines = _checked(train_script, [*TINY, *args, "--resume", str(fsdp2_run / "step_2")], capsys)
+    assert status == 2 and len(lines) == 1 and message in lines[0], lines
 
 
-def test_a_bad_world_size_fails_with_one_line_on_rank_0_under_torchrun(tmp_path):
-    result = _torchrun(2, "--parallel", "fsdp2+tp", "--tp", "3", "--out", str(tmp_path), cwd=tmp_path)
-    assert result.returncode != 0
-    _one_error_line(result.stderr, "divisible by --tp")  # rank 1 waits, so rank 0 always gets to say it
-    assert "Traceback" not in result.stdout
+def test_a_bad_argument_under_torchrun_is_one_line_and_status_2_from_rank_0(tmp_path):
+    result = _torchrun(2, "--grad-accum", "0", "--out", str(tmp_path), cwd=tmp_path)
+    _one_error_line(result.stderr, "--grad-accum must be an integer >= 1, got 0")
+    _exit_code_2_from_rank_0(result)
+    _no_traceback_from_train_py(result.stderr)
+
+
+def test_resume_with_a_clipper_the_checkpoint_has_no_state_for_is_one_line(spiky_run, tmp_path):
+    # The checkpoint holds AutoClip's and SpikeSkip's windows; --clip fixed without --skip-spikes
+    # has neither to take them.
+    result = _torchrun(2, *TINY, "--resume", str(spiky_run / "step_28"), "--steps", "30",
+                       "--out", str(tmp_path), cwd=tmp_path)
+    _one_error_line(result.stderr, f"cannot resume from {spiky_run / 'step_28'}: ")
+    _one_error_line(result.stderr, "(it was written with --clip autoclip --norm-type 2 --skip-spikes; "
+                                   "this run has --clip fixed --max-norm 1 --norm-type 2)")
+    _exit_code_2_from_rank_0(result)
+    _no_traceback_from_train_py(result.stderr)
 
 
 def _free_port() -> int:
