@@ -77,7 +77,8 @@ def main() -> None:
             others = [r[2] for r in runs]
             last = max((r[3] for r in runs if r[3] is not None), default=None)
             print(f"  {name:30} true spikes skipped {caught:3}/{total:<3}  other skips per run: "
-                  f"mean {statistics.fmean(others):5.1f} max {max(others):3d}  last other skip {last if last is not None else '-'}")
+                  f"mean {statistics.fmean(others):5.1f} max {max(others):3d}  "
+                  f"last other skip {last if last is not None else '-'}")
 
 
 if __name__ == "__main__":

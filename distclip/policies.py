@@ -270,7 +270,8 @@ class SpikeSkip:
         _require(int(min_history) == min_history and 2 <= min_history <= window,
                  f"SpikeSkip min_history must be an integer in [2, window], got {min_history!r}")
         _require(int(burst) == burst and burst >= 0, f"SpikeSkip burst must be an integer >= 0, got {burst!r}")
-        self.sigmas, self.window, self.min_history, self.burst = float(sigmas), int(window), int(min_history), int(burst)
+        self.sigmas, self.window, self.min_history = float(sigmas), int(window), int(min_history)
+        self.burst = int(burst)
         self._norms = _Window(self.window)
         self._losses = _Window(self.window)
         self._run = torch.zeros((), dtype=torch.int64)  # spikes in a row, up to the latest step
