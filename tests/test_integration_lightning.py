@@ -4,7 +4,11 @@
 FSDP and ModelParallelStrategy (FSDP2) with :class:`GlobalNormClipping`; Fabric (DDP) clips with
 :func:`clip_gradients`.  Each step: the norm equals the float64 reference of the full
 gradients, is what the callback logged, is identical on both ranks, took one collective, and
-the three Trainer strategies give the same norm history.
+the three Trainer strategies give the same norm history; with ``groups="modules"`` (DDP,
+FSDP2) the groups are the LightningModule's children, at their reference norms.  The same
+processes then try a fit the callback must refuse on every rank before any step:
+``Trainer(gradient_clip_val=...)`` beside it (Lightning would clip again after it), or per-group
+norms under FSDP1.
 
 Lightning refuses ``FSDPStrategy`` with ``accelerator="cpu"`` ("requires a GPU accelerator",
 checked as ``type(strategy) is FSDPStrategy``) and would pass ``device_id=None`` to FSDP on
@@ -31,22 +35,28 @@ STRATEGIES = {"ddp": "Linear", "fsdp": "FullyShardedDataParallel", "model_parall
 
 
 def _run(strategy: str):
-    """``make`` for ``once``: both ranks' rows of one run of ``strategy``."""
+    """``make`` for ``once``: both ranks' records of one run of ``strategy``."""
 
     def make(out: Path) -> list:
         env = dict(os.environ, OMP_NUM_THREADS="1")
         result = subprocess.run([sys.executable, JOB, strategy, str(out)], capture_output=True, text=True,
                                 timeout=240, env=env, cwd=out)
         assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-5000:]
-        return [json.loads((out / f"rank{rank}.json").read_text())["rows"] for rank in (0, 1)]
+        return [json.loads((out / f"rank{rank}.json").read_text()) for rank in (0, 1)]
 
     return make
 
 
 @pytest.fixture
-def rows(once):
-    """``rows(strategy)``: both ranks' rows of the run of ``strategy`` (once per test session)."""
+def run(once):
+    """``run(strategy)``: both ranks' records of the run of ``strategy`` (once per test session)."""
     return lambda strategy: once(f"lightning-{strategy}", _run(strategy))
+
+
+@pytest.fixture
+def rows(run):
+    """``rows(strategy)``: both ranks' rows, one per step, of the run of ``strategy``."""
+    return lambda strategy: [record["rows"] for record in run(strategy)]
 
 
 @pytest.mark.parametrize("strategy", list(STRATEGIES))
@@ -66,6 +76,32 @@ def test_sharded_strategies_give_the_ddp_norm_history(strategy, rows):
     ddp = [row["ours"] for row in rows("ddp")[0]]
     sharded = [row["ours"] for row in rows(strategy)[0]]
     assert all(math.isclose(a, b, rel_tol=1e-5) for a, b in zip(ddp, sharded)), (ddp, sharded)
+
+
+@pytest.mark.parametrize("strategy", ["ddp", "model_parallel"])
+def test_group_norms_are_named_after_the_lightning_modules_children(strategy, rows):
+    # Under DDP the strategy's wrapper has one child, `module`: its name is not the user's.
+    rank0, rank1 = rows(strategy)
+    for step, row in enumerate(rank0 + rank1):
+        assert sorted(row["logged_groups"]) == ["encoder", "head"], (step, row["logged_groups"])
+        for name, norm in row["logged_groups"].items():
+            assert math.isclose(norm, row["expected_groups"][name], rel_tol=1e-6), (step, name, row)
+    assert [r["logged_groups"] for r in rank0] == [r["logged_groups"] for r in rank1], "ranks disagree"
+
+
+def test_gradient_clip_val_beside_the_callback_is_refused_on_every_rank_before_any_step(run):
+    # Lightning clips after on_before_optimizer_step: both would clip, its threshold last.
+    for record in run("ddp"):
+        assert record["refused"]["steps"] == 0, record["refused"]
+        assert "Trainer(gradient_clip_val=0.1) would clip them again" in (record["refused"]["error"] or ""), record
+        assert "max_norm=0.05" in record["refused"]["error"]
+
+
+def test_per_group_norms_under_fsdp1_are_refused_on_every_rank_before_any_step(run):
+    for record in run("fsdp"):
+        assert record["refused"]["steps"] == 0, record["refused"]
+        assert "under Lightning's FSDPStrategy: per-group norms are not supported" in (record["refused"]["error"] or "")
+        assert "ModelParallelStrategy" in record["refused"]["error"]
 
 
 def _fit(callback, steps: int):

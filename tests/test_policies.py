@@ -71,16 +71,20 @@ class AutoClipReference:
 
 
 class SpikeSkipReference:
-    def __init__(self, sigmas, window, min_history):
-        self.sigmas, self.window, self.min = sigmas, window, min_history
-        self.norms, self.losses = [], []
+    """SpikeSkip's rule in Python floats: a step's finite values enter the windows unless it is
+    one of the first ``burst`` spikes in a row or was skipped for another reason."""
+
+    def __init__(self, sigmas, window, min_history, burst=3):
+        self.sigmas, self.window, self.min, self.burst = sigmas, window, min_history, burst
+        self.norms, self.losses, self.run = [], [], 0
 
     def _spike(self, values, x):
         return len(values) >= self.min and x > statistics.fmean(values) + self.sigmas * statistics.stdev(values)
 
     def step(self, g, loss, skipped_anyway):
         spike = self._spike(self.norms, g) or (loss is not None and self._spike(self.losses, loss))
-        if not (spike or skipped_anyway):
+        self.run = self.run + 1 if spike else 0
+        if not skipped_anyway and (not spike or self.run > self.burst):
             if math.isfinite(g):
                 self.norms = (self.norms + [g])[-self.window :]
             if loss is not None and math.isfinite(loss):
@@ -250,6 +254,100 @@ def test_spike_skip_judges_the_global_loss(ranks, world):
 def test_skipped_steps_stay_out_of_the_threshold_policy(ranks):
     _run_and_check(ranks, "ddp", 2, ZCLIP, SPIKE_SKIP, "skip", with_loss=True)
     _run_and_check(ranks, "fsdp2", 2, AUTOCLIP, SPIKE_SKIP, "skip")
+
+
+# --------------------------------------------------------------------------- a lasting shift of level
+
+SHIFT_AT, SHIFT_STEPS, SAVE_IN_THE_RUN = 32, 48, 34
+SHIFT_SPIKE_SKIP = {"sigmas": 6.0, "window": 16, "min_history": 8}  # burst: the default, 3
+
+
+def shift_multiplier(step: int) -> float:
+    """The scripted jitter, a lone x40 spike at step 20, then the norm x5 for good from SHIFT_AT
+    (a new data mix)."""
+    jitter = 1.0 + 0.04 * ((step * 7) % 5 - 2)
+    return jitter * (40.0 if step == 20 else 1.0) * (5.0 if step >= SHIFT_AT else 1.0)
+
+
+def _through_a_shift(save_at: int) -> dict:
+    """GradClipper under DDP through the shift (the model does not train, so each step's norm is
+    the first one times ``shift_multiplier``); then a second clipper, loaded from the state saved
+    before step ``save_at``, clips the steps from ``save_at`` on again.  Both decision lists."""
+    torch.manual_seed(0)
+    model = DDP(build())
+    x = batch(dist.get_rank())
+
+    def clipper():
+        return distclip.GradClipper(model, max_norm=1e3, skip_spikes=distclip.SpikeSkip(**SHIFT_SPIKE_SKIP))
+
+    def clip(clipper, step):
+        model.zero_grad()
+        ((model(x).float() ** 2).mean() * shift_multiplier(step)).backward()
+        result = clipper.clip_()
+        return bool(result.skipped), result.total_norm.item().hex()
+
+    uninterrupted, saved = clipper(), None
+    steps = []
+    for step in range(SHIFT_STEPS):
+        if step == save_at:
+            saved = copy.deepcopy(uninterrupted.state_dict())
+        steps.append(clip(uninterrupted, step))
+    resumed = clipper()
+    resumed.load_state_dict(saved)
+    return {"uninterrupted": steps, "resumed": [clip(resumed, step) for step in range(save_at, SHIFT_STEPS)]}
+
+
+def _skipped(steps, first=0):
+    return [step for step, (skipped, _) in enumerate(steps, start=first) if skipped]
+
+
+def test_spike_skip_skips_a_lone_spike_and_learns_a_lasting_shift_within_a_window(ranks):
+    per_rank = ranks(2).run(_through_a_shift, SAVE_IN_THE_RUN)
+    assert per_rank[0]["uninterrupted"] == per_rank[1]["uninterrupted"], "ranks disagree on a norm or a skip"
+    skipped = _skipped(per_rank[0]["uninterrupted"])
+    reference = SpikeSkipReference(**SHIFT_SPIKE_SKIP)
+    assert skipped == [s for s in range(SHIFT_STEPS) if reference.step(shift_multiplier(s), None, False)]
+    # The spike; then the first burst (3) spikes of the shift stay out of the window, the 4th
+    # enters it and the window has learnt the new level: 4 skips, not every later step.
+    assert skipped == [20, SHIFT_AT, SHIFT_AT + 1, SHIFT_AT + 2, SHIFT_AT + 3]
+
+
+def test_a_run_resumed_in_a_spike_run_makes_the_uninterrupted_decisions(ranks):
+    # Saved after two spikes of the shift: the run length (2 of burst 3) is state too.
+    for result in ranks(2).run(_through_a_shift, SAVE_IN_THE_RUN):
+        assert result["resumed"] == result["uninterrupted"][SAVE_IN_THE_RUN:]
+        assert _skipped(result["resumed"], SAVE_IN_THE_RUN) == [SAVE_IN_THE_RUN, SAVE_IN_THE_RUN + 1]
+
+
+def _judge(rule: distclip.SpikeSkip, norms: list[float]) -> list[int]:
+    no, nan = torch.zeros((), dtype=torch.bool), torch.tensor(math.nan, dtype=torch.float64)
+    return [i for i, g in enumerate(norms) if bool(rule.step(torch.tensor(g, dtype=torch.float64), nan, no, no))]
+
+
+@pytest.mark.parametrize("burst,skipped", [(3, [20, 26]), (0, [20])], ids=["burst-3", "burst-0-olmo-core"])
+def test_a_spike_kept_out_of_the_window_leaves_the_next_spike_visible(burst, skipped):
+    # x10 at 20, x3 at 26: with burst=0 (every value enters, OLMo-core's rule) the first spike
+    # inflates the window's deviation and the second passes.
+    norms = [(1.0 + 0.04 * ((s * 7) % 5 - 2)) * {20: 10.0, 26: 3.0}.get(s, 1.0) for s in range(40)]
+    assert _judge(distclip.SpikeSkip(**SHIFT_SPIKE_SKIP, burst=burst), norms) == skipped
+
+
+def test_a_spike_skip_state_saved_before_burst_existed_loads():
+    rule = distclip.SpikeSkip(**SHIFT_SPIKE_SKIP)
+    norms = [shift_multiplier(s) for s in range(SHIFT_AT + 2)]
+    _judge(rule, norms[:SHIFT_AT])
+    old = rule.state_dict()
+    del old["run"], old["config"]["burst"]  # the format before issue 28
+    loaded = distclip.SpikeSkip(**SHIFT_SPIKE_SKIP)
+    loaded.load_state_dict(old)
+    assert repr(loaded.state_dict()) == repr(rule.state_dict())  # repr: NaN marks the empty slots
+    assert _judge(loaded, norms[SHIFT_AT:]) == _judge(rule, norms[SHIFT_AT:]) == [0, 1]
+
+
+def test_loading_a_spike_skip_state_of_another_burst_raises():
+    saved = distclip.SpikeSkip(burst=3).state_dict()
+    with pytest.raises(ValueError, match="'burst': 3"):
+        distclip.SpikeSkip(burst=0).load_state_dict(saved)
 
 
 # --------------------------------------------------------------------------- skipping a step
@@ -453,6 +551,8 @@ def test_the_host_sync_audit_catches_a_sync():
         (lambda: distclip.SpikeSkip(sigmas=-1.0), "sigmas"),
         (lambda: distclip.SpikeSkip(window=1), "window"),
         (lambda: distclip.SpikeSkip(window=8, min_history=1), "min_history"),
+        (lambda: distclip.SpikeSkip(burst=-1), "burst"),
+        (lambda: distclip.SpikeSkip(burst=1.5), "burst"),
         (lambda: distclip.GradClipper([torch.zeros(1)], skip_spikes=6.0), "skip_spikes"),
     ],
 )

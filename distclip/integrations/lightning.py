@@ -5,9 +5,20 @@ Lightning's Trainer refuses norm-based clipping under its FSDP strategy
 Fabric's ``clip_gradients`` reads the norm on the host by default (``error_if_nonfinite=True``).
 :class:`GlobalNormClipping` clips by the exact global norm under every strategy (DDP, FSDP,
 ``ModelParallelStrategy``), in ``on_before_optimizer_step``: after backward and, with AMP, after
-Lightning has unscaled the gradients, before the optimizer steps.  Leave the Trainer's
-``gradient_clip_val`` unset.  It logs ``grad_norm`` (the norm *before* clipping) and, with
-``groups``, ``grad_norm/<group>`` through ``pl_module.log``.
+Lightning has unscaled the gradients, before the optimizer steps.  It logs ``grad_norm`` (the
+norm *before* clipping) and, with ``groups``, ``grad_norm/<group>`` through ``pl_module.log``.
+
+One clipper: Lightning clips by ``Trainer(gradient_clip_val=...)`` right *after* the
+``on_before_optimizer_step`` hooks (``Precision._after_closure`` calls
+``configure_gradient_clipping`` after them), so with both the gradients would be clipped twice,
+Lightning's threshold last.  The callback raises a ValueError in ``setup`` (every rank, before
+any step) when ``gradient_clip_val`` is set too: which of the two thresholds was meant is the
+user's to say.
+
+Group names are the LightningModule's own: ``groups="modules"`` names the LightningModule's
+children, not those of the strategy's DDP wrapper (``module``).  FSDP1 (Lightning's
+``FSDPStrategy``) holds flat parameters, which per-group norms do not support: a ValueError in
+``setup``; ``ModelParallelStrategy`` (FSDP2) supports them.
 
 :func:`clip_gradients` is the Fabric counterpart of ``fabric.clip_gradients(module, optimizer,
 max_norm=...)``: no host sync.
@@ -18,6 +29,7 @@ from __future__ import annotations
 from typing import Any
 
 import lightning.pytorch as pl
+from lightning.pytorch.strategies import FSDPStrategy
 from torch import Tensor, nn
 
 import distclip
@@ -30,7 +42,8 @@ class GlobalNormClipping(pl.Callback):
     Args:
         max_norm: a float, or a threshold policy (:class:`distclip.ZClip`, :class:`distclip.AutoClip`).
         norm_type: ``p`` of the norm.
-        groups: per-group norms to log, as in :class:`distclip.GradClipper` (e.g. ``"modules"``).
+        groups: per-group norms to log, as in :class:`distclip.GradClipper`; ``"modules"``:
+            the LightningModule's children, whatever wrapper the strategy puts around it.
         log: log ``grad_norm`` (and the group norms) each step through ``pl_module.log``.
         **clipper_kwargs: the other arguments of :class:`distclip.GradClipper`
             (``skip_spikes``, ``nonfinite``, ``replica_group``, ...).
@@ -56,10 +69,29 @@ class GlobalNormClipping(pl.Callback):
         self.clipper: distclip.GradClipper | None = None
         self._pending_state: dict | None = None  # a checkpoint's, loaded before the clipper exists
 
+    def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        """Refuse, on every rank before any step, what would clip wrongly: the Trainer's own
+        clipping on top of this one, or per-group norms of FSDP1's flat parameters."""
+        if stage != "fit":
+            return
+        if (trainer.gradient_clip_val or 0) > 0:  # Lightning clips only by a positive value
+            raise ValueError(
+                f"distclip: GlobalNormClipping clips the gradients, and Trainer(gradient_clip_val="
+                f"{trainer.gradient_clip_val!r}) would clip them again after it (Lightning clips right after "
+                f"on_before_optimizer_step); leave gradient_clip_val unset and give the threshold to "
+                f"GlobalNormClipping (max_norm={self.max_norm!r} now)"
+            )
+        if self.groups is not None and isinstance(trainer.strategy, FSDPStrategy):
+            raise ValueError(
+                f"distclip: GlobalNormClipping(groups={self.groups!r}) under Lightning's FSDPStrategy: per-group "
+                "norms are not supported for FSDP1 flat parameters; use ModelParallelStrategy (FSDP2) or groups=None"
+            )
+
     def on_before_optimizer_step(self, trainer: pl.Trainer, pl_module: pl.LightningModule, optimizer: Any) -> None:
         if self.clipper is None:
+            groups = _module_children(pl_module) if self.groups == "modules" else self.groups
             self.clipper = distclip.GradClipper(
-                _wrapped(trainer, pl_module), self.max_norm, self.norm_type, groups=self.groups, **self.clipper_kwargs
+                _wrapped(trainer, pl_module), self.max_norm, self.norm_type, groups=groups, **self.clipper_kwargs
             )
             if self._pending_state:
                 self.clipper.load_state_dict(self._pending_state)
@@ -86,6 +118,16 @@ def _wrapped(trainer: pl.Trainer, pl_module: pl.LightningModule) -> nn.Module:
     wrapper; the LightningModule itself where nothing wraps it."""
     model = getattr(trainer.strategy, "model", None)
     return model if isinstance(model, nn.Module) else pl_module
+
+
+def _module_children(pl_module: pl.LightningModule) -> dict[str, list[Tensor]]:
+    """``groups="modules"`` named after the LightningModule's children (its own parameters as
+    ``"(root)"``, as :class:`distclip.GradClipper` names them): the strategy's DDP wrapper has
+    one child, ``module``, and DDP and FSDP2 train the very parameter objects the
+    LightningModule holds."""
+    named = {name: list(child.parameters()) for name, child in pl_module.named_children()}
+    own = list(pl_module.parameters(recurse=False))
+    return {**named, **({"(root)": own} if own else {})}
 
 
 def clip_gradients(
