@@ -12,6 +12,7 @@ from torch.distributed.tensor import DTensor
 
 from distclip.gradients import Gradients, TensorOrTensors, as_list, collect
 from distclip.ownership import local_tensor
+from distclip.partial import reduce_partial_gradients_
 from distclip.partials import PNorm
 from distclip.plan import NormPlan
 from distclip.plancache import cached_plan
@@ -98,6 +99,7 @@ def get_total_norm(
     topology = resolve_topology(group, replica_group)
     if isinstance(tensors, nn.Module):
         gradients = collect(tensors, topology)
+        reduce_partial_gradients_(gradients.grads, gradients.params)
         keys = gradients.params
     else:
         gradients, keys = Gradients(as_list(tensors, "tensors"), []), None
@@ -158,6 +160,7 @@ def clip_grad_norm_(
     pnorm = PNorm.parse(norm_type)
     topology = resolve_topology(group, replica_group)
     gradients = collect(parameters, topology)
+    reduce_partial_gradients_(gradients.grads, gradients.params)
     total, invalid, plan, local = _global_norm(gradients, gradients.params, pnorm, error_if_nonfinite, foreach, topology)
     # A problem reported by another rank that could not be raised here without a sync leaves
     # the gradients as they are rather than scaling them by NaN.

@@ -33,6 +33,7 @@ from distclip.decision import NONFINITE_POLICIES, ClipResult, check_nonfinite_po
 from distclip.gradients import Gradients, Parameters
 from distclip.groups import GroupsSpec, assign, check_groups, named_groups
 from distclip.overlap import BackwardPartials
+from distclip.partial import reduce_partial_gradients_
 from distclip.partials import PNorm
 from distclip.plan import NormPlan
 from distclip.plancache import PlanCache, cached_plan
@@ -156,6 +157,7 @@ class GradClipper:
         """This step's gradients and the plan for exactly them (made only when what a plan
         depends on changed: a local check, so every rank that needs one makes one)."""
         gradients = self.source.gradients(self.topology)
+        reduce_partial_gradients_(gradients.grads, gradients.params)
         group_of = self._groups_now()
         if group_of is not None and gradients.presence is not True:
             group_of = [g for g, present in zip(group_of, gradients.presence) if present]

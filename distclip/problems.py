@@ -19,8 +19,10 @@ class Problem(enum.Enum):
         "an FSDP1 process group)"
     )
     PARTIAL_PLACEMENT = (
-        "a DTensor gradient has a Partial placement (a pending reduction); its norm is not defined "
-        "until it is reduced: redistribute it to Shard/Replicate before clipping"
+        "a DTensor gradient has a Partial placement (a pending reduction) that distclip cannot "
+        "reduce in place (given without its parameter, or to a placement other than Replicate, "
+        "see distclip/partial.py); its norm is not defined until it is reduced: redistribute it "
+        "to Shard/Replicate before clipping"
     )
     REPLICA_GROUP_OUTSIDE_GROUP = (
         "`replica_group` (or the group it returns for a parameter) must contain this rank and lie "

@@ -67,15 +67,16 @@ def test_dtensor_on_a_mesh_beyond_group_raises_on_every_rank(ranks):
 
 
 def _partial_on_some_ranks(everywhere):
-    # Rank 0 (or every rank) holds a gradient with a pending reduction on its own one-rank mesh;
-    # the others hold plain gradients and cannot see the problem themselves.
+    # Rank 0 (or every rank) holds a gradient with a pending reduction on its own one-rank mesh,
+    # given without its parameter (so it cannot be reduced in place); the others hold plain
+    # gradients and cannot see the problem themselves.
     own = init_device_mesh("cpu", (dist.get_world_size(), 1), mesh_dim_names=("all", "own"))["own"]
     params = _params(dist.get_rank())
     if everywhere or dist.get_rank() == 0:
         params[0].grad = DTensor.from_local(params[0].grad, own, [Partial()])
     before = _grads(params)
     with pytest.raises(ValueError, match="Partial placement"):
-        distclip.clip_grad_norm_(params, 0.1)
+        distclip.get_total_norm([p.grad for p in params], 2.0)
     _assert_untouched(params, before)
 
 
