@@ -6,18 +6,23 @@ all-reduce -> global norm -> coefficient -> in-place scaling of every local grad
 
 from __future__ import annotations
 
+import functools
+from typing import Callable
+
 import torch
 from torch import Tensor, nn
 from torch.distributed.tensor import DTensor
 
+from distclip import layout
 from distclip.gradients import Gradients, TensorOrTensors, as_list, collect
 from distclip.ownership import local_tensor
 from distclip.partial import reduce_partial_gradients_
 from distclip.partials import PNorm
 from distclip.plan import NormPlan
 from distclip.plancache import cached_plan
+from distclip.reduction import failed_contribution, raise_pending, reduce_and_raise
 from distclip.scaling import check_max_norm, clip_coefficient, scale_
-from distclip.topology import GroupLike, ReplicaGroupLike, Topology, resolve_topology
+from distclip.topology import GroupLike, ReplicaGroupLike, Topology, reduction_device, resolve_topology
 
 _NONFINITE_MESSAGE = (
     "The total norm of order {} for gradients from `parameters` is non-finite, so it cannot be "
@@ -27,23 +32,40 @@ _NONFINITE_MESSAGE = (
 
 
 def _global_norm(
-    gradients: Gradients,
-    keys: list[Tensor] | None,
+    gather: Callable[[], tuple[Gradients, list[Tensor] | None]],
     pnorm: PNorm,
     error_if_nonfinite: bool,
     foreach: bool | None,
     topology: Topology,
-) -> tuple[Tensor, Tensor, NormPlan, list[Tensor]]:
+) -> tuple[Tensor, Tensor, NormPlan | None, list[Tensor]]:
     """(total norm, invalid flag, plan, local tensors) for this rank's gradients: one collective.
-    ``keys``: what a ``replica_group`` callable is asked about (the parameters; None: the
-    gradients themselves)."""
-    plan = cached_plan(gradients.grads, topology, gradients.known, keys)
-    local = plan.local_tensors(gradients.grads)
-    norms, invalid, _ = plan.global_norms(local, pnorm, foreach)
-    total = norms[0]
+
+    ``gather()`` collects the gradients and what a ``replica_group`` callable is asked about
+    (the parameters; None: the gradients themselves).  Whatever raises before the collective
+    (collecting, planning, computing the partials) still takes part in it, carrying the
+    exception, so that every rank raises it together (:mod:`distclip.reduction`)."""
+    raise_pending(topology)
+    try:
+        gradients, keys = gather()
+        plan = cached_plan(gradients.grads, topology, gradients.known, keys)
+        local = plan.local_tensors(gradients.grads)
+        contribution = plan.contribution(local, pnorm, foreach)
+    except Exception as error:
+        device = reduction_device(topology, fallback=torch.device("cpu"))
+        checks = layout.checks(layout.Layout(), [], device)
+        plan, local, contribution = None, [], failed_contribution(error, 1, 0, checks, pnorm, device)
+    reduced = reduce_and_raise(contribution, pnorm, topology)
+    total = reduced.norms[0].to(device=plan.out_device, dtype=plan.out_dtype)
     if error_if_nonfinite and bool(total.isnan() | total.isinf()):
         raise RuntimeError(_NONFINITE_MESSAGE.format(pnorm.p))
-    return total, invalid, plan, local
+    return total, reduced.invalid, plan, local
+
+
+def _collect_parameters(parameters: TensorOrTensors, topology: Topology) -> tuple[Gradients, list[Tensor]]:
+    """The parameters' gradients, Partial ones reduced in place first (:mod:`distclip.partial`)."""
+    gradients = collect(parameters, topology)
+    reduce_partial_gradients_(gradients.grads, gradients.params)
+    return gradients, gradients.params
 
 
 @torch.no_grad()
@@ -97,13 +119,13 @@ def get_total_norm(
     """
     pnorm = PNorm.parse(norm_type)
     topology = resolve_topology(group, replica_group)
-    if isinstance(tensors, nn.Module):
-        gradients = collect(tensors, topology)
-        reduce_partial_gradients_(gradients.grads, gradients.params)
-        keys = gradients.params
-    else:
-        gradients, keys = Gradients(as_list(tensors, "tensors"), []), None
-    total, _, _, _ = _global_norm(gradients, keys, pnorm, error_if_nonfinite, foreach, topology)
+
+    def gather() -> tuple[Gradients, list[Tensor] | None]:
+        if isinstance(tensors, nn.Module):
+            return _collect_parameters(tensors, topology)
+        return Gradients(as_list(tensors, "tensors"), []), None
+
+    total, _, _, _ = _global_norm(gather, pnorm, error_if_nonfinite, foreach, topology)
     return total
 
 
@@ -119,14 +141,18 @@ def clip_grads_with_norm_(
     No communication: ``total_norm`` must already be global (from :func:`get_total_norm`, maybe
     combined further by the caller).  A DTensor ``total_norm`` (torch's own FSDP2 result) is
     materialized with ``full_tensor()``.  Gradients that are DTensors are scaled through their
-    local tensors.
+    local tensors.  A deliberate difference from torch: a NaN or infinite ``total_norm`` leaves
+    the gradients untouched (torch multiplies them by NaN or 0), because on an accelerator a
+    problem found on another rank comes back as a NaN norm, raised at the next call.
     """
     max_norm = check_max_norm(max_norm)
     if isinstance(total_norm, DTensor):
         total_norm = total_norm.full_tensor()
     grads = [local_tensor(p.grad) for p in as_list(parameters, "parameters") if p.grad is not None]
     if grads:
-        scale_(grads, clip_coefficient(max_norm, total_norm), foreach)
+        # Unlike torch, a NaN or infinite norm leaves the gradients as they are: it may be another
+        # rank's problem that this rank could not see without a device sync (distclip.deferred).
+        scale_(grads, clip_coefficient(max_norm, total_norm, keep=~total_norm.isfinite()), foreach)
 
 
 @torch.no_grad()
@@ -159,9 +185,8 @@ def clip_grad_norm_(
     max_norm = check_max_norm(max_norm)
     pnorm = PNorm.parse(norm_type)
     topology = resolve_topology(group, replica_group)
-    gradients = collect(parameters, topology)
-    reduce_partial_gradients_(gradients.grads, gradients.params)
-    total, invalid, plan, local = _global_norm(gradients, gradients.params, pnorm, error_if_nonfinite, foreach, topology)
+    gather = functools.partial(_collect_parameters, parameters, topology)
+    total, invalid, plan, local = _global_norm(gather, pnorm, error_if_nonfinite, foreach, topology)
     # A problem reported by another rank that could not be raised here without a sync leaves
     # the gradients as they are rather than scaling them by NaN.
     coefficient = clip_coefficient(max_norm, total, keep=invalid)

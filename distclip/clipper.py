@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import collections
 import warnings
-from typing import Iterable, Union
+from typing import Iterable, Mapping, Union
 
 import torch
 from torch import Tensor, nn
@@ -30,8 +30,13 @@ from torch.utils.hooks import RemovableHandle
 from distclip import nonfinite as nonfinite_location
 from distclip.attach import FusedCheck, FusedStep, discard_grads_
 from distclip.decision import NONFINITE_POLICIES, ClipResult, check_nonfinite_policy, decide
+from distclip.deferred import NextCall
 from distclip.gradients import Gradients, Parameters
-from distclip.groups import GroupsSpec, assign, check_groups, named_groups
+from distclip.groups import GroupsSpec, check_groups, group_of_parameters
+from distclip.layout import Layout, agree
+from distclip.layout import checks as layout_checks
+from distclip.metrics import Metric, bad_value, decode, encode, names_of
+from distclip.metrics import slots as metric_slots
 from distclip.overlap import BackwardPartials
 from distclip.partial import reduce_partial_gradients_
 from distclip.partials import PNorm
@@ -39,8 +44,9 @@ from distclip.plan import NormPlan
 from distclip.plancache import PlanCache, cached_plan
 from distclip.policies import SpikeSkip, ThresholdPolicy
 from distclip.problems import Problem
+from distclip.reduction import failed_contribution, raise_pending, reduce_and_raise
 from distclip.scaling import check_max_norm
-from distclip.topology import GroupLike, ReplicaGroupLike, resolve_topology
+from distclip.topology import GroupLike, ReplicaGroupLike, reduction_device, resolve_topology
 
 __all__ = ["ClipResult", "GradClipper", "GroupsSpec", "NONFINITE_POLICIES"]
 
@@ -108,8 +114,10 @@ class GradClipper:
         self._plans = PlanCache(PLANS_KEPT)
         self._plan: NormPlan | None = None
         self._assigned: tuple | None = None  # what the group assignment was made for
-        self.group_names: list[str] = []
-        self._group_of_param: list[int] | None = None
+        self._group_of_param: list[str | None] = []
+        self._own_groups: list[str] = []  # the groups of this rank's parameters, in their order
+        self.layout: Layout | None = None  # the agreed names (distclip.layout); made at the first step
+        self._relayout = NextCall()
 
         self.backward_partials: BackwardPartials | None = None
         if overlap and self.source.fsdp1 is not None:
@@ -123,7 +131,7 @@ class GradClipper:
         self._skipped_steps = torch.zeros((), dtype=torch.int64)
         self.history: collections.deque[Tensor] = collections.deque(maxlen=history)
         self.last: ClipResult | None = None  # the latest step's result (attach() returns none)
-        self._observed_loss: Tensor | None = None
+        self._observed: tuple[Tensor | None, Mapping[str, Metric] | None] = (None, None)
 
     @property
     def params(self) -> list[Tensor]:
@@ -132,21 +140,30 @@ class GradClipper:
 
     # -- what this step clips -------------------------------------------------------------
 
-    def _groups_now(self) -> list[int] | None:
-        """Per parameter, its group index (None without groups), assigned again when the
-        parameters or the attached optimizer's groups changed."""
-        if self._groups_spec is None:
-            return None
+    def _assign_groups(self) -> None:
+        """Each parameter's group name, assigned again when the parameters or the attached
+        optimizer's groups changed."""
         optimizer_groups = None
         if self._groups_spec == "param_groups" and self._optimizer is not None:
             optimizer_groups = tuple((id(g["params"]), len(g["params"])) for g in self._optimizer.param_groups)
         made_for = (self.source.version, optimizer_groups)
-        if made_for != self._assigned:
-            named = named_groups(self._groups_spec, self.source, self._optimizer)
-            self._group_of_param = assign(named, self.source.params)
-            self.group_names = list(named)
-            self._assigned = made_for
-        return self._group_of_param
+        if self._groups_spec is None or made_for == self._assigned:
+            return
+        self._group_of_param = group_of_parameters(self._groups_spec, self.source, self._optimizer)
+        self._own_groups = list(dict.fromkeys(g for g in self._group_of_param if g is not None))
+        self._assigned = made_for
+
+    def _agree_on_names(self, metric_names: list[tuple[str, str]]) -> None:
+        """Agree on the layout of group norms and metrics with every rank: at the first step,
+        and at the step after a rank had names the layout lacked (its flag, read now)."""
+        flag = self._relayout.take()
+        if self.layout is None or (flag is not None and flag[0] != 0):
+            self.layout = agree(self._own_groups, metric_names, self.topology)
+
+    @property
+    def group_names(self) -> list[str]:
+        """The names of the groups whose norms every step reports (all ranks' groups)."""
+        return [] if self.layout is None else self.layout.groups
 
     def _follow_model(self) -> None:
         """Re-read the model (a list stays as it is): new parameters are clipped from this step."""
@@ -158,9 +175,12 @@ class GradClipper:
         depends on changed: a local check, so every rank that needs one makes one)."""
         gradients = self.source.gradients(self.topology)
         reduce_partial_gradients_(gradients.grads, gradients.params)
-        group_of = self._groups_now()
-        if group_of is not None and gradients.presence is not True:
-            group_of = [g for g, present in zip(group_of, gradients.presence) if present]
+        group_of = None
+        if self._groups_spec is not None:
+            slot = self.layout.group_slot
+            group_of = [-1 if g is None else slot.get(g, -1) for g in self._group_of_param]
+            if gradients.presence is not True:
+                group_of = [g for g, present in zip(group_of, gradients.presence) if present]
         plan = cached_plan(
             gradients.grads,
             self.topology,
@@ -169,7 +189,7 @@ class GradClipper:
             group_of=group_of,
             num_groups=len(self.group_names),
             cache=self._plans,
-            fixed=(self.source.version, self._assigned, gradients.presence),
+            fixed=(self.source.version, self._assigned, id(self.layout), gradients.presence),
         )
         self._plan = plan  # the latest step's, for introspection
         return gradients, plan
@@ -177,27 +197,64 @@ class GradClipper:
     # -- the step -------------------------------------------------------------------------
 
     def _norms(
-        self, loss_scale: Tensor | None = None, loss: Tensor | None = None, tolerated: Tensor | None = None
-    ) -> tuple[ClipResult, NormPlan, list[Tensor]]:
+        self,
+        loss_scale: Tensor | None = None,
+        loss: Tensor | None = None,
+        metrics: Mapping[str, Metric] | None = None,
+        tolerated: Tensor | None = None,
+    ) -> tuple[ClipResult, NormPlan | None, list[Tensor]]:
         """Global norms, threshold, skip decision and coefficient, without touching the
-        gradients: one all-reduce carries the norms and the loss.  ``loss_scale``: GradScaler's
-        scale, still in the gradients (the norms are divided by it); ``tolerated``: the
-        optimizer's ``found_inf`` (a non-finite norm it skips anyway raises no error)."""
-        gradients, plan = self._current()
-        local = plan.local_tensors(gradients.grads)
-        partials = None
-        if self.backward_partials is not None:
-            partials = self.backward_partials.take(plan, local, gradients.params)
-            self.backward_partials.use_plan(plan, gradients.params)
-        loss_terms, problems = _loss_terms(loss, plan.device)
-        norms, invalid, loss_sums = plan.global_norms(
-            local, self.pnorm, self.foreach, divide_by=loss_scale, extra=loss_terms, problems=problems, partials=partials
-        )
+        gradients: one all-reduce carries the norms, the loss and the metrics.  ``loss_scale``:
+        GradScaler's scale, still in the gradients (the norms are divided by it);
+        ``tolerated``: the optimizer's ``found_inf`` (a non-finite norm it skips anyway raises
+        no error).  Whatever raises before the all-reduce takes part in it, so that every rank
+        raises it together (:mod:`distclip.reduction`)."""
+        raise_pending(self.topology)
+        failure: Exception | None = None
+        try:
+            self._assign_groups()
+            metric_names = names_of(metrics)
+        except Exception as error:  # still agree on names below, with what this rank has
+            failure, metric_names = error, []
+        self._agree_on_names(metric_names)
+        layout_now = self.layout
+        ranks, position = len(self.topology.group_ranks), self.topology.group_ranks.index(self.topology.rank)
+        device = reduction_device(self.topology, fallback=torch.device("cpu"))
+        checks = layout_checks(layout_now, metric_names, device)
+        plan, local = None, []
+        try:
+            if failure is not None:
+                raise failure
+            gradients, plan = self._current()
+            local = plan.local_tensors(gradients.grads)
+            partials = None
+            if self.backward_partials is not None:
+                partials = self.backward_partials.take(plan, local, gradients.params)
+                self.backward_partials.use_plan(plan, gradients.params)
+            loss_terms, problems = _loss_terms(loss, plan.device)
+            bad_metric = bad_value(metrics)
+            if bad_metric is not None:
+                problems[Problem.INVALID_METRIC] = bad_metric
+                metrics = None
+            extra = torch.cat([loss_terms, encode(metrics, layout_now.metrics, ranks, position, plan.device)])
+            contribution = plan.contribution(
+                local, self.pnorm, self.foreach, wide=loss_scale is not None, partials=partials, problems=problems,
+                checks=checks, extra=extra,
+                relayout=layout_now.lacks(self._own_groups, metric_names),
+            )
+        except Exception as error:
+            extra_size = 2 + sum(metric_slots(kind, ranks) for _, kind in layout_now.metrics)
+            contribution = failed_contribution(error, 1 + len(layout_now.groups), extra_size, checks, self.pnorm, device)
+        reduced = reduce_and_raise(contribution, self.pnorm, self.topology)
+        self._relayout.put(reduced.relayout.reshape(1))
+        norms = reduced.norms
+        if loss_scale is not None:
+            norms = norms / loss_scale.to(norms.device, torch.float64)
+        norms = norms.to(device=plan.out_device, dtype=plan.out_dtype)
         result = decide(
             norms,
-            invalid,
-            loss_sums,
-            group_names=self.group_names,
+            reduced.invalid,
+            reduced.extra[:2],
             nonfinite=self.nonfinite,
             max_norm=self.max_norm if self.policy is None else self.policy,
             skip_spikes=self.skip_spikes,
@@ -205,6 +262,8 @@ class GradClipper:
             step=self.steps,
             tolerated=tolerated,
         )
+        result.group_names, result.own_groups = layout_now.groups, self._own_groups
+        result.metrics = decode(reduced.extra[2:], layout_now.metrics, ranks)
         self._record(result)
         return result, plan, local
 
@@ -224,32 +283,35 @@ class GradClipper:
         self.last = result
 
     @torch.no_grad()
-    def clip_(self, loss: Tensor | None = None) -> ClipResult:
+    def clip_(self, loss: Tensor | None = None, metrics: Mapping[str, Metric] | None = None) -> ClipResult:
         """Compute the global (and per-group) norms with one all-reduce and scale every local
         gradient in place by ``min(max_norm / (total + 1e-6), 1)``.  No host sync unless
         ``nonfinite="error"``.
 
         ``loss``: this rank's loss (a 0-dim floating tensor), or None; its mean over the ranks
         that passed one comes back in ``result.loss`` on every rank from the same all-reduce, and
-        :class:`~distclip.SpikeSkip` judges it.  A skipped step leaves the gradients as they
-        are: do not step the optimizer when ``result.skipped`` (:meth:`attach` does that).
+        :class:`~distclip.SpikeSkip` judges it.  ``metrics``: this rank's scalars to reduce in
+        the same all-reduce, ``{name: distclip.Sum/Mean/Max/Min(value)}``, back in
+        ``result.metrics`` on every rank (:mod:`distclip.metrics`).  A skipped step leaves the
+        gradients as they are: do not step the optimizer when ``result.skipped`` (:meth:`attach`
+        does that).
         """
         self._follow_model()
-        return self._clip_followed(loss)
+        return self._clip_followed(loss, metrics)
 
-    def _clip_followed(self, loss: Tensor | None) -> ClipResult:
-        result, plan, local = self._norms(loss=loss)
+    def _clip_followed(self, loss: Tensor | None, metrics: Mapping[str, Metric] | None) -> ClipResult:
+        result, plan, local = self._norms(loss=loss, metrics=metrics)
         plan.scale_(local, result.coef, self.foreach)
         return result
 
-    def observe_loss(self, loss: Tensor | None) -> None:
-        """With :meth:`attach`: the loss used by the clip inside the next ``optimizer.step()``
-        (as ``clip_(loss=...)``).  Kept for one step only."""
-        self._observed_loss = loss
+    def observe_loss(self, loss: Tensor | None, metrics: Mapping[str, Metric] | None = None) -> None:
+        """With :meth:`attach`: the loss (and metrics) used by the clip inside the next
+        ``optimizer.step()`` (as ``clip_(loss=..., metrics=...)``).  Kept for one step only."""
+        self._observed = (loss, metrics)
 
-    def _take_observed_loss(self) -> Tensor | None:
-        loss, self._observed_loss = self._observed_loss, None
-        return loss
+    def _take_observed(self) -> tuple[Tensor | None, Mapping[str, Metric] | None]:
+        observed, self._observed = self._observed, (None, None)
+        return observed
 
     @torch.no_grad()
     def nonfinite_report(self) -> dict[str, list[int]]:
@@ -295,17 +357,17 @@ class GradClipper:
         fused_step = FusedStep()
 
         def clip_before_step(opt, args, kwargs):
-            loss = self._take_observed_loss()
+            loss, metrics = self._take_observed()
             self._follow_model()
             if not fused_check(self.source.params, self.source.version):
                 with torch.no_grad():
-                    self.discard_if_skipped_(opt, self._clip_followed(loss))
+                    self.discard_if_skipped_(opt, self._clip_followed(loss, metrics))
                 return None
             loss_scale = getattr(opt, "grad_scale", None)  # GradScaler's, unless unscale_ ran
             if self.backward_partials is not None:
                 self.backward_partials.wide = True  # its gradients may hold GradScaler's scale
             with torch.no_grad():
-                result, _, _ = self._norms(loss_scale, loss, tolerated=getattr(opt, "found_inf", None))
+                result, _, _ = self._norms(loss_scale, loss, metrics, tolerated=getattr(opt, "found_inf", None))
             fused_step.set(opt, loss_scale, result.coef, result.skipped if self._may_skip else None)
             return None
 

@@ -19,6 +19,7 @@ Everything stays on the device as 0-dim tensors: no host sync but rule 1's ``"er
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass, field
 from typing import Callable
 
@@ -37,22 +38,39 @@ class ClipResult:
 
     ``total_norm`` is the global norm *before* clipping; ``coef`` the factor the gradients were
     (or, for a fused optimizer, will be) multiplied by; ``nonfinite`` a 0-dim bool tensor, True
-    when the norm was NaN or infinite; ``group_norms`` the pre-clip norm of each group;
-    ``max_norm`` the threshold applied (the float, or the policy's value); ``skipped`` a 0-dim
-    bool tensor, True when this step's update is skipped (a spike, or a non-finite norm under
-    ``nonfinite="skip"``: the gradients are then left as they are); ``loss`` the mean of the
-    losses passed on the ranks that passed one, on every rank (a pipeline stage without the
-    loss gets it too); NaN when no rank passed one (None would need every rank to know, on the
-    host, whether another passed one: a device sync).
+    when the norm was NaN or infinite; ``max_norm`` the threshold applied (the float, or the
+    policy's value); ``skipped`` a 0-dim bool tensor, True when this step's update is skipped (a
+    spike, or a non-finite norm under ``nonfinite="skip"``: the gradients are then left as they
+    are); ``loss`` the mean of the losses passed on the ranks that passed one, on every rank (a
+    pipeline stage without the loss gets it too); NaN when no rank passed one (None would need
+    every rank to know, on the host, whether another passed one: a device sync); ``metrics`` the
+    reduced metrics (:mod:`distclip.metrics`).
+
+    ``group_norms``: the pre-clip norm of each group this rank holds, by name;
+    ``all_group_norms``: of every group any rank holds (:mod:`distclip.groups`); both made when
+    first read, from ``norms`` (``[total, every group in layout order]``): a step with thousands
+    of groups pays for no dictionary unless it is read.
     """
 
     total_norm: Tensor
     coef: Tensor
     nonfinite: Tensor
-    group_norms: dict[str, Tensor] = field(default_factory=dict)
     max_norm: Tensor | None = None
     skipped: Tensor | None = None
     loss: Tensor | None = None
+    norms: Tensor | None = None
+    group_names: list[str] = field(default_factory=list)
+    own_groups: list[str] = field(default_factory=list)
+    metrics: dict[str, Tensor] = field(default_factory=dict)
+
+    @functools.cached_property
+    def all_group_norms(self) -> dict[str, Tensor]:
+        return dict(zip(self.group_names, self.norms[1:].unbind())) if self.group_names else {}
+
+    @functools.cached_property
+    def group_norms(self) -> dict[str, Tensor]:
+        every = self.all_group_norms
+        return {name: every[name] for name in self.own_groups if name in every}
 
 
 def check_nonfinite_policy(nonfinite: str) -> str:
@@ -66,7 +84,6 @@ def decide(
     invalid: Tensor,
     loss_sums: Tensor,
     *,
-    group_names: list[str],
     nonfinite: str,
     max_norm: float | ThresholdPolicy,
     skip_spikes: SpikeSkip | None,
@@ -76,7 +93,7 @@ def decide(
 ) -> ClipResult:
     """The step's :class:`ClipResult` from the reduction's outcome.
 
-    ``norms``: ``[total, group 0, ...]`` in the output dtype; ``invalid``: True when a rank
+    ``norms``: ``[total, group 0, ...]`` in the output dtype (kept in the result); ``invalid``: True when a rank
     reported a problem; ``loss_sums``: ``[sum of the losses passed, how many ranks passed one]``
     (float64); ``locate``: describes where the NaN/inf gradients are (a collective: every rank
     calls it, which they do together since the norm they read is the same); ``tolerated``: a
@@ -101,5 +118,4 @@ def decide(
     else:
         threshold = max_norm.step(norm, ~skipped).to(total.dtype)
         coef = clip_coefficient(threshold, total, keep=invalid | skipped)
-    groups = {name: norms[1 + i] for i, name in enumerate(group_names)}
-    return ClipResult(total, coef, nonfinite_now, groups, threshold, skipped, global_loss.to(total.dtype))
+    return ClipResult(total, coef, nonfinite_now, threshold, skipped, global_loss.to(total.dtype), norms)

@@ -15,30 +15,16 @@ Names follow :mod:`distclip.gradients`' one rule (qualified names without wrappe
 
 from __future__ import annotations
 
-import pickle
 from typing import Sequence
 
 import torch
 import torch.distributed as dist
 from torch import Tensor
 
-from distclip.topology import Topology, reduction_device
+from distclip.exchange import all_gather_objects
+from distclip.topology import Topology
 
 NonfiniteReport = dict[str, list[int]]
-
-
-def _gather(obj: object, topology: Topology) -> list:
-    """Every rank's ``obj`` over ``topology``'s group (all_gather_object needs numpy)."""
-    device = reduction_device(topology, fallback=torch.device("cpu"))
-    payload = torch.frombuffer(bytearray(pickle.dumps(obj)), dtype=torch.uint8).to(device)
-    ranks = len(topology.group_ranks)
-    sizes = [torch.zeros((), dtype=torch.int64, device=device) for _ in range(ranks)]
-    dist.all_gather(sizes, torch.tensor(payload.numel(), device=device), group=topology.process_group)
-    longest = max(int(s) for s in sizes)
-    buffers = [torch.empty(longest, dtype=torch.uint8, device=device) for _ in range(ranks)]
-    padded = torch.cat([payload, payload.new_zeros(longest - payload.numel())])
-    dist.all_gather(buffers, padded, group=topology.process_group)
-    return [pickle.loads(bytes(b[: int(s)].cpu().tolist())) for b, s in zip(buffers, sizes)]
 
 
 def locate(named: Sequence[tuple[str, Tensor]], topology: Topology) -> NonfiniteReport:
@@ -48,7 +34,7 @@ def locate(named: Sequence[tuple[str, Tensor]], topology: Topology) -> Nonfinite
     """
     flags = [bool(~torch.isfinite(grad).all()) if grad.numel() else False for _, grad in named]
     mine = (dist.get_rank() if dist.is_initialized() else 0, [name for (name, _), bad in zip(named, flags) if bad])
-    everyone = _gather(mine, topology) if topology.communicates else [mine]
+    everyone = all_gather_objects(mine, topology)
     report: NonfiniteReport = {}
     for rank, names in everyone:
         for name in names:

@@ -19,7 +19,8 @@ from distclip.copycheck import CopyCheck
 from distclip.ownership import Attribution, Ownership, OwnershipError, Problem, plan_ownership
 from distclip.partials import PNorm
 from distclip.pieces import Pieces, piece_norms, piece_tensors, split_ranges
-from distclip.reduction import all_reduce_partials, raise_problems
+from distclip import layout
+from distclip.reduction import Contribution
 from distclip.scaling import scale_grouped_
 from distclip.spans import Runs, find_runs
 from distclip.topology import Topology, reduction_device
@@ -88,7 +89,7 @@ class NormPlan:
             None if slot is None else torch.tensor([slot[i] for i in self.owned_indices], device=self.device)
         )
         owned_slots = {slot[index] for index, _, _ in ownership.owned} if slot is not None else set()
-        self.presence = [bool(ownership.owned)] + [g in owned_slots for g in range(num_groups)]
+        self.presence = (bool(ownership.owned),) + tuple(g in owned_slots for g in range(num_groups))
         # Every local gradient is scaled, copies included: one list of indices per (device, dtype).
         scale: dict[tuple[torch.device, torch.dtype], list[int]] = {}
         for index, tensor in enumerate(local):
@@ -183,39 +184,33 @@ class NormPlan:
             return total
         return torch.cat([total, pnorm.merge(per_group, self.num_groups, self.device)])
 
-    def global_norms(
+    def contribution(
         self,
         local: Sequence[Tensor],
         pnorm: PNorm,
         foreach: bool | None,
-        divide_by: Tensor | None = None,
-        extra: Tensor | None = None,
-        problems: Mapping[Problem, str] | None = None,
+        *,
+        wide: bool = False,
         partials: Tensor | None = None,
-    ) -> tuple[Tensor, Tensor, Tensor | None]:
-        """Partials and the copy check -> the one all-reduce -> ``(norms, invalid, extra)``: the
-        k norms ``[total, groups]`` in the output dtype on the output device (divided by
-        ``divide_by`` first, in float64: GradScaler's scale, with every norm then accumulated in
-        float64), True where a rank reported a
-        problem or the copies assumed differ, and the float64 vector ``extra`` summed over the
-        group (None when not given).  Problems (the plan's, and ``problems`` the caller found in
-        this step's other input) are raised on every rank that knows of them.  ``partials``:
-        this rank's partials when already taken (:mod:`distclip.overlap`)."""
-        problems = {**self.problems, **problems} if problems else self.problems
-        reduced = all_reduce_partials(
-            self.partials(local, pnorm, foreach, wide=divide_by is not None) if partials is None else partials,
-            self.presence,
-            problems,
-            pnorm,
-            self.topology,
-            self.copy_check.contributions(local, self.device),
-            extra,
+        problems: Mapping[Problem, str] | None = None,
+        checks: Tensor | None = None,
+        extra: Tensor | None = None,
+        relayout: bool = False,
+    ) -> Contribution:
+        """This rank's part of the one all-reduce (:mod:`distclip.reduction`): its partials
+        (``partials`` when already taken, :mod:`distclip.overlap`; ``wide``: accumulated in
+        float64, for gradients still multiplied by GradScaler's scale), the plan's problems and
+        ``problems`` the caller found in the step's other input, the copy check, the layout
+        ``checks`` (:mod:`distclip.layout`), ``extra`` (summed as it is) and ``relayout``."""
+        return Contribution(
+            partials=self.partials(local, pnorm, foreach, wide=wide) if partials is None else partials,
+            present=self.presence,
+            problems={**self.problems, **problems} if problems else self.problems,
+            copy_check=self.copy_check.contributions(local, self.device),
+            checks=layout.checks(layout.Layout(), [], self.device) if checks is None else checks,
+            extra=extra,
+            relayout=relayout,
         )
-        raise_problems(reduced, problems)
-        norms = reduced.norms
-        if divide_by is not None:
-            norms = norms / divide_by.to(norms.device, torch.float64)
-        return norms.to(device=self.out_device, dtype=self.out_dtype), reduced.invalid, reduced.extra
 
     def scale_(self, local: Sequence[Tensor], coefficient: Tensor, foreach: bool | None) -> None:
         """Multiply every local gradient in place by ``coefficient``."""

@@ -11,8 +11,8 @@ import enum
 
 
 class Problem(enum.Enum):
-    """Bad input found in a rank's own gradients (COPIES_DIFFER is found by no rank alone: the
-    copy check in the all-reduce finds it)."""
+    """Bad input found in a rank's own gradients or arguments (COPIES_DIFFER and LAYOUTS_DIFFER
+    are found by no rank alone: the checks in the all-reduce find them)."""
 
     MESH_OUTSIDE_GROUP = (
         "a gradient is sharded or replicated over ranks outside `group` (a DTensor's DeviceMesh, "
@@ -46,6 +46,13 @@ class Problem(enum.Enum):
         "clip_grad_norm_ fails on it too): use a dense gradient for that parameter"
     )
     INVALID_LOSS = "`loss` must be None or a 0-dim floating-point tensor (this rank's loss)"
+    INVALID_METRIC = "`metrics` values must be 0-dim floating-point tensors"
+    RAISED = "an exception was raised while planning the clip on some rank"
+    LAYOUTS_DIFFER = (
+        "ranks laid out their per-group norms or metrics differently, or passed metrics under "
+        "other names or kinds than other ranks: the ranks that pass metrics must pass the same "
+        "names of the same kinds (a rank may pass none)"
+    )
     UNKNOWN_CORRESPONDENCE = (
         "cannot tell which ranks hold copies of a DTensor gradient: `replica_group` reaches ranks "
         "outside its mesh that no common root DeviceMesh (or `group`) lines up with it"

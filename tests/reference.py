@@ -66,6 +66,16 @@ def reference_norm(full: dict[str, torch.Tensor], norm_type: float) -> float:
     return torch.linalg.vector_norm(flat, float(norm_type)).item()
 
 
+# A GradClipper's first step also agrees with every rank on the names of its per-group norms and
+# metrics (distclip.layout: two all-gathers, once); every later step is the one all-reduce.
+AGREEMENT = ["gloo:all_gather", "gloo:all_gather"]
+
+
+def clipper_step(first: bool) -> list[str]:
+    """The collectives of one GradClipper step at world > 1."""
+    return (AGREEMENT if first else []) + ["gloo:all_reduce"]
+
+
 @contextlib.contextmanager
 def collectives():
     """Count the gloo collectives issued inside the block: ``with collectives() as count: ...``."""
@@ -73,6 +83,13 @@ def collectives():
     with profile(activities=[ProfilerActivity.CPU]) as prof:
         yield counter
     counter.extend(e.name for e in prof.events() if e.name.startswith("gloo:"))
+
+
+# distclip's reads allowed on the host: a CPU reduction's flags, read at once; flags an
+# accelerator copied to pinned memory a step earlier (distclip.deferred); the gather of Python
+# objects, which runs only when names are agreed (a clipper's first step, the step after a
+# change) and on error paths (distclip.exchange).
+HOST_READS = ("_problems_read_on_host", "read_flags_on_host", "all_gather_objects")
 
 
 class NoHostSync(TorchDispatchMode):
@@ -91,7 +108,7 @@ class NoHostSync(TorchDispatchMode):
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         if func is torch.ops.aten._local_scalar_dense.default and not any(
-            frame.name == "_problems_read_on_host" for frame in traceback.extract_stack()
+            frame.name in HOST_READS for frame in traceback.extract_stack()
         ):
             raise AssertionError("a host sync: " + "".join(traceback.format_stack(limit=12)))
         if self.host_data and func is torch.ops.aten.lift_fresh.default:
