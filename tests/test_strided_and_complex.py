@@ -35,7 +35,7 @@ LAYOUTS = {
     "every other element, long": (2 * LONG + 1, lambda b: b[1::2]),
     "every other element, short": (2001, lambda b: b[1::2]),
     "transposed": (120_005, lambda b: b[5:].view(300, 400).t()),
-    "permuted 3-D": (120_007, lambda b: b[7:].view(40, 50, 60).permute(2, 0, 1)),
+    "permuted 3-D, padded": (122_007, lambda b: b[7:].view(40, 50, 61)[:, :, :60].permute(2, 0, 1)),
     "column slice at an offset": (200_000, lambda b: b.view(400, 500)[:, 3:303]),
     "every other column at an offset": (240_000, lambda b: b.view(400, 600)[:, 1::2]),
 }
