@@ -18,7 +18,7 @@ from torch.distributed.device_mesh import init_device_mesh
 from torch.distributed.tensor import DTensor, Replicate, Shard
 
 import distclip
-from distclip.pieces import PACK_UP_TO, ROW, ROWS_FROM
+from distclip.pieces import ROW, ROWS_FROM
 from distclip.plan import NormPlan
 from distclip.topology import resolve_topology
 from models import NORM_TYPES
@@ -41,12 +41,12 @@ LAYOUTS = {
 }
 
 
-def _view_in_buffer(layout, seed=0, dtype=torch.float32):
+def _view_in_buffer(layout, seed=0):
     """(buffer, gradient view, mask of the buffer elements the view covers)."""
     size, make = LAYOUTS[layout]
-    buffer = torch.full((size,), OUTSIDE, dtype=dtype)
+    buffer = torch.full((size,), OUTSIDE)
     grad = make(buffer)
-    grad.copy_(torch.randn(grad.shape, generator=torch.Generator().manual_seed(seed), dtype=dtype) + 0.5)
+    grad.copy_(torch.randn(grad.shape, generator=torch.Generator().manual_seed(seed)) + 0.5)
     covered = torch.zeros(size, dtype=torch.bool)
     make(covered).fill_(True)
     return buffer, grad, covered
@@ -166,7 +166,7 @@ def test_strided_and_dense_gradients_in_one_call_keep_runs_and_packs_for_the_den
     total = distclip.clip_grad_norm_(params, 0.5 * expected, norm_type)
     assert_close_norm(total.item(), expected, norm_type, rtol=1e-6)
     _assert_clipped(params, before, total, 0.5 * expected)
-    _assert_untouched_outside(buffer_before, buffer, _covered(buffer, grads))
+    _assert_untouched_outside(buffer_before, buffer, _covered(buffer, dense + [strided]))
 
 
 @pytest.mark.parametrize("norm_type", NORM_TYPES)
@@ -233,25 +233,17 @@ def _dtensors_from_strided_locals(norm_type):
     rank = dist.get_rank()
     # Replicate: the same 1-D stride-2 view on both ranks (copies: each rank counts a range).
     # Shard(0): each rank's own 70,000-element stride-2 view (rows).
-    replicated = torch.full((2 * 10_001,), OUTSIDE)
-    sharded = torch.full((2 * 70_000 + 1,), OUTSIDE)
-    views = [
-        (replicated, lambda b: b[1::2], Replicate(), 0),
-        (sharded, lambda b: b[1::2], Shard(0), 1 + rank),
-    ]
+    held = [(10_000, Replicate(), 0), (70_000, Shard(0), 1 + rank)]
     named, checks = [], []
-    for n, (buffer, make, placement, seed) in enumerate(views):
-        local = make(buffer)
-        local.copy_(torch.randn(local.shape, generator=torch.Generator().manual_seed(seed)) + 0.5)
-        assert not local.is_contiguous()
-        grad = DTensor.from_local(local, mesh, [placement], run_check=False)
-        param = nn.Parameter(DTensor.from_local(torch.zeros(local.shape), mesh, [placement], run_check=False))
-        param.grad = grad
-        assert param.grad._local_tensor.data_ptr() == local.data_ptr()
-        covered = torch.zeros(buffer.shape, dtype=torch.bool)
-        make(covered).fill_(True)
+    for n, (numel, placement, seed) in enumerate(held):
+        buffer = torch.full((2 * numel + 1,), OUTSIDE)
+        local = buffer[1::2]
+        local.copy_(torch.randn(numel, generator=torch.Generator().manual_seed(seed)) + 0.5)
+        param = nn.Parameter(DTensor.from_local(torch.zeros(numel), mesh, [placement], run_check=False))
+        param.grad = DTensor.from_local(local, mesh, [placement], run_check=False)
+        assert param.grad._local_tensor.stride() == (2,) and param.grad._local_tensor.data_ptr() == local.data_ptr()
         named.append((f"p{n}", param))
-        checks.append((buffer, buffer.clone(), covered))
+        checks.append((buffer, buffer.clone(), _covered(buffer, [local])))
     result = clip_and_check(named, norm_type, clipped_rtol=1e-6)
     for buffer, buffer_before, covered in checks:
         _assert_untouched_outside(buffer_before, buffer, covered)
@@ -275,8 +267,6 @@ def _complex_grads(seed=0):
     buffer = torch.full((2 * LONG + 1,), OUTSIDE, dtype=torch.complex64)
     strided = buffer[1::2]
     strided.copy_(torch.randn(LONG, generator=generator, dtype=torch.complex64) + 0.5)
-    covered = torch.zeros(buffer.shape, dtype=torch.bool)
-    covered[1::2] = True
     grads = [
         torch.randn(LONG, generator=generator, dtype=torch.complex64) + 0.5,
         torch.randn(7, 9, generator=generator, dtype=torch.complex64),
@@ -284,7 +274,7 @@ def _complex_grads(seed=0):
         torch.randn(33, generator=generator, dtype=torch.complex128),
         torch.randn(12, generator=generator) + 0.5,
     ]
-    return grads, buffer, covered
+    return grads, buffer, _covered(buffer, [strided])
 
 
 def _assert_close_complex_norm(actual, expected, norm_type):
@@ -328,7 +318,8 @@ def test_complex_gradients_are_scaled_by_the_real_coefficient(api):
     for param, theirs_param, grad in zip(params, theirs, before):
         assert param.grad.dtype == grad.dtype
         torch.testing.assert_close(param.grad, grad * coefficient, rtol=1e-6, atol=0)
-        torch.testing.assert_close(param.grad, theirs_param.grad, rtol=1e-6, atol=0)
+        # torch's own float32 norm of 77,000 elements is a few 1e-6 off, and its coefficient too.
+        torch.testing.assert_close(param.grad, theirs_param.grad, rtol=1e-5, atol=0)
     _assert_untouched_outside(buffer_before, buffer, covered)
 
 
