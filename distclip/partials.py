@@ -9,7 +9,8 @@ therefore *additive* (or max/min-able) and one all-reduce combines them.
 Per-tensor norms come from ``torch._foreach_norm`` grouped by (device, dtype), accumulated in
 float32 (float64 for float64 gradients) so fp16/bf16 gradients can neither overflow nor lose the
 norm; they are raised to the p-th power and summed in float64, where ``|x|**p`` cannot overflow
-for any norm float32 can represent.
+for any norm float32 can represent.  A complex element counts as ``|x|``, as in torch (complex64
+accumulated like float32, complex128 like float64).
 """
 
 from __future__ import annotations

@@ -22,7 +22,10 @@ its size); copying 2,000 tensors of 128 elements into one costs a third of that.
 foreach kernels take many tensors per launch, so nothing is copied there.
 
 A *unit* is what a range indexes into: a gradient, or a run of adjacent gradients
-(:mod:`distclip.spans`); its flat elements ``[start, stop)`` are what the range covers.
+(:mod:`distclip.spans`); its flat elements ``[start, stop)`` (in row-major order, whatever its
+strides) are what the range covers.  A unit may have any strided layout: a strided view of a
+larger buffer is read through its own strides, never as if it were dense.  Complex units are
+normed by ``|x|``, as torch norms them.
 """
 
 from __future__ import annotations
@@ -101,16 +104,25 @@ def split_ranges(
 def piece_tensors(pieces: Pieces, units: Sequence[Tensor]) -> tuple[list[Tensor], list[Tensor]]:
     """The tensors :func:`piece_norms` reduces: whole pieces (flat ranges or whole units), one
     flat copy of each pack, and ``(rows, ROW)`` blocks viewed over the current ``units``."""
-    flat: dict[int, Tensor] = {}  # one copy of a non-contiguous unit, however many pieces it has
+    # Per unit, its elements in flat (row-major) order as (tensor, step): flat element k sits at
+    # ``tensor.storage_offset() + k * step``.  A contiguous unit is that with step 1 as it is; any
+    # other is flattened once, however many pieces it has: ``reshape(-1)`` gives a 1-D tensor, a
+    # view of the unit when its strides allow (``base[::2]`` stays a stride-2 view, an expanded
+    # unit a stride-0 one, counted per logical element as torch counts it) or a contiguous copy.
+    flat: dict[int, tuple[Tensor, int]] = {}
 
     def view(unit: int, start: int, shape: tuple[int, ...]) -> Tensor:
         # One as_strided per piece (not flatten, slice, view: each op costs ~1 us on the CPU).
-        tensor = units[unit]
-        if not tensor.is_contiguous():
-            if unit not in flat:
-                flat[unit] = tensor.reshape(-1)
-            tensor = flat[unit]
-        return tensor.as_strided(shape, (shape[-1], 1)[-len(shape) :], tensor.storage_offset() + start)
+        if unit not in flat:
+            tensor = units[unit]
+            if not tensor.is_contiguous():
+                tensor = tensor.reshape(-1)
+                flat[unit] = tensor, tensor.stride(0)
+            else:
+                flat[unit] = tensor, 1
+        tensor, step = flat[unit]
+        strides = (shape[-1] * step, step)[-len(shape) :]
+        return tensor.as_strided(shape, strides, tensor.storage_offset() + start * step)
 
     whole = [units[u] if is_whole else view(u, start, (stop - start,)) for u, start, stop, is_whole in pieces.whole]
     whole += [_flatten_dense_tensors([units[u] for u in pack]) for pack in pieces.packs]
@@ -133,8 +145,10 @@ def piece_norms(
     ``wide`` (else in float32 unless the gradients are float64)."""
     # p < 0: the sum is ruled by the few smallest elements' huge |x|**p, which float32
     # adds ~1e-3 off over a large tensor (rarely used, so exactness wins over speed here).
-    wide = wide or dtype == torch.float64 or pnorm.p < 0
+    wide = wide or dtype.to_real() == torch.float64 or pnorm.p < 0
     accumulate = torch.float64 if wide else torch.float32
+    if dtype.is_complex:  # torch norms complex elements by |x| and wants a complex dtype for it
+        accumulate = accumulate.to_complex()
     norms: list[Tensor] = []
     if use_foreach(foreach, whole, device, foreach_supported):
         norms += torch._foreach_norm(whole, pnorm.p, dtype=accumulate) if whole else []

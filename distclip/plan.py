@@ -67,7 +67,8 @@ class NormPlan:
         self.device = reduction_device(topology, fallback=local[0].device if local else torch.device("cpu"))
         # The norms are returned where the gradients live (the reduction's device if none here).
         self.out_device = local[0].device if local else self.device
-        self.out_dtype = torch.float64 if any(t.dtype == torch.float64 for t in local) else torch.float32
+        # As torch's norm: float64 when any gradient is float64 or complex128.
+        self.out_dtype = torch.float64 if any(t.dtype.to_real() == torch.float64 for t in local) else torch.float32
 
         ownership = plan_ownership(grads, topology, known, keys)
         self.problems: dict[Problem, str] = ownership.problems
@@ -120,11 +121,11 @@ class NormPlan:
         if runs is not None:
             bucket.runs = runs
             # A run's pieces share one group: its first gradient's.
-            run_keys = None if slot is None else [slot[anchor] for anchor, _, _ in runs.runs]
-            run_ranges = ((r, 0, length, length) for r, (_, _, length) in enumerate(runs.runs))
-            bucket.run_pieces = split_ranges(run_ranges, device, run_keys)
-            if run_keys is not None:
-                bucket.run_group_ids = torch.tensor([run_keys[r] for r in bucket.run_pieces.value_units], device=device)
+            unit_keys = None if slot is None else [slot[i] for i in runs.unit_gradients]
+            range_keys = None if unit_keys is None else [unit_keys[unit] for unit, _, _, _ in runs.ranges]
+            bucket.run_pieces = split_ranges(runs.ranges, device, range_keys)
+            if unit_keys is not None:
+                bucket.run_group_ids = torch.tensor([unit_keys[u] for u in bucket.run_pieces.value_units], device=device)
         return bucket
 
     def local_tensors(self, grads: Sequence[Tensor]) -> list[Tensor]:

@@ -10,7 +10,9 @@ tensors (FSDP2 writes each step's gradients into a new reduce-scatter output), c
 the gradients of every call: each member must be contiguous and start where the plan found it
 relative to its run's first gradient, inside that gradient's storage.  When that fails the
 caller falls back to the pieces one by one, so a run can only ever stand for exactly the
-elements of its pieces.
+elements of its pieces.  Pieces of a gradient that is not contiguous (a strided view) never join
+a run: they stay pieces of their gradient, whatever its layout (:func:`distclip.pieces.piece_tensors`
+reads any layout), next to the runs of the others.
 """
 
 from __future__ import annotations
@@ -27,10 +29,13 @@ Piece = tuple[int, int, int]  # (gradient index, start, stop) in the flattened l
 class Runs:
     """Pieces grouped into runs of adjacent memory, with what locates each run again.
 
-    ``runs[r] = (anchor, start, length)``: run r is ``length`` elements from element ``start`` of
-    gradient ``anchor``'s storage offset on (its first piece's gradient); ``members`` are every
-    piece's gradient, ``member_offsets`` where each one's first element sat relative to its
-    run's anchor (in elements), ``member_runs`` its run.
+    The *units* of a step are :meth:`views`: one flat view per run, then the gradients ``alone``
+    (those with a piece in no run) as they are; ``ranges`` are ``(unit, start, stop, unit
+    numel)``, every piece covered once, in the pieces' order (a run where its first piece is),
+    and ``unit_gradients`` each unit's gradient (a run's first).  ``runs[r] = (anchor, start,
+    length)``: run r is ``length`` elements from element ``start`` of gradient ``anchor``'s
+    storage offset on; ``members`` are every run piece's gradient, ``member_offsets`` where each
+    one's first element sat relative to its run's anchor (in elements), ``member_runs`` its run.
     """
 
     runs: tuple[tuple[int, int, int], ...]
@@ -38,10 +43,13 @@ class Runs:
     member_offsets: tuple[int, ...]
     member_runs: tuple[int, ...]
     itemsize: int
+    alone: tuple[int, ...]
+    ranges: tuple[tuple[int, int, int, int], ...]
+    unit_gradients: tuple[int, ...]
 
     def views(self, local: Sequence[Tensor]) -> list[Tensor] | None:
-        """One flat view per run over the current gradients ``local``; None where adjacency no
-        longer holds (then use the pieces)."""
+        """The units over the current gradients ``local``: one flat view per run, then the
+        gradients alone; None where adjacency no longer holds (then use the pieces)."""
         tensors = [local[m] for m in self.members]
         if not all(map(Tensor.is_contiguous, tensors)):
             return None
@@ -58,6 +66,7 @@ class Runs:
             if (first + length) * size > tensor.untyped_storage().nbytes():
                 return None
             views.append(tensor.as_strided((length,), (1,), first))
+        views += [local[i] for i in self.alone]
         return views
 
 
@@ -65,20 +74,23 @@ def find_runs(pieces: Sequence[Piece], local: Sequence[Tensor], keys: Sequence[o
     """Group ``pieces`` (all of one device and dtype) into runs of adjacent memory.
 
     Pieces must be non-empty; they join a run only with pieces of the same ``keys`` entry (e.g.
-    the group a per-group norm counts them towards).  Returns None when no run would hold two
-    pieces (nothing to gain), or when a piece's gradient is not a contiguous plain tensor.
+    the group a per-group norm counts them towards), and only when their gradient is a
+    contiguous plain tensor.  Returns None when no run would hold two pieces (nothing to gain).
     """
-    if len(pieces) < 2 or not all(type(local[i]) is Tensor and local[i].is_contiguous() for i, _, _ in pieces):
+    if len(pieces) < 2:
+        return None
+    joinable = [n for n, (i, _, _) in enumerate(pieces) if type(local[i]) is Tensor and local[i].is_contiguous()]
+    if len(joinable) < 2:
         return None
     size = local[pieces[0][0]].element_size()
     located = sorted(
         (
-            local[i].untyped_storage().data_ptr(),
+            local[pieces[n][0]].untyped_storage().data_ptr(),
             keys[n] if keys is not None else None,
-            local[i].data_ptr() // size + start,
+            local[pieces[n][0]].data_ptr() // size + pieces[n][1],
             n,
         )
-        for n, (i, start, _) in enumerate(pieces)
+        for n in joinable
     )
     runs: list[list[int]] = []  # piece numbers, in memory order
     end = None
@@ -89,13 +101,15 @@ def find_runs(pieces: Sequence[Piece], local: Sequence[Tensor], keys: Sequence[o
         else:
             runs.append([n])
         end = (storage, key, first + stop - start)
-    if all(len(run) == 1 for run in runs):
+    runs = [run for run in runs if len(run) > 1]  # a piece alone stays a piece of its gradient
+    if not runs:
         return None
     # In the pieces' order, not memory order: where separate storages lie is up to the
     # allocator, and the norm of packed runs (distclip.pieces) depends on their order by a
     # rounding, so that the same model gets the same bits in every process.
     runs.sort(key=min)
     spans, members, offsets, member_runs = [], [], [], []
+    run_of_piece: dict[int, int] = {}
     for r, run in enumerate(runs):
         anchor, anchor_start, _ = pieces[run[0]]
         anchor_pointer = local[anchor].data_ptr()
@@ -104,4 +118,23 @@ def find_runs(pieces: Sequence[Piece], local: Sequence[Tensor], keys: Sequence[o
             members.append(pieces[n][0])
             offsets.append((local[pieces[n][0]].data_ptr() - anchor_pointer) // size)
             member_runs.append(r)
-    return Runs(tuple(spans), tuple(members), tuple(offsets), tuple(member_runs), size)
+            run_of_piece[n] = r
+    alone: dict[int, int] = {}  # gradient -> its unit
+    ranges = []
+    for n, (index, start, stop) in enumerate(pieces):
+        if n not in run_of_piece:
+            unit = alone.setdefault(index, len(runs) + len(alone))
+            ranges.append((unit, start, stop, local[index].numel()))
+        elif min(runs[run_of_piece[n]]) == n:
+            length = spans[run_of_piece[n]][2]
+            ranges.append((run_of_piece[n], 0, length, length))
+    return Runs(
+        tuple(spans),
+        tuple(members),
+        tuple(offsets),
+        tuple(member_runs),
+        size,
+        tuple(alone),
+        tuple(ranges),
+        tuple(anchor for anchor, _, _ in spans) + tuple(alone),
+    )
