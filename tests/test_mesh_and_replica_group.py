@@ -4,7 +4,9 @@ A pipeline stage with tensor parallelism keeps its DTensors on ``mesh["tp"]`` an
 data-parallel group as ``replica_group``: the mesh's placements say which ranks of the tp slice
 hold copies (a ``Replicate`` dim), the replica group says which other tp slices are copies of
 this one.  World 4 throughout, against the float64 reference of the full gradients; every rank's
-copy sets (``explain``) must agree with the copy sets of the ranks they name.
+copy sets (``explain``) must agree with the copy sets of the ranks they name.  A replica group
+that links this rank only to ranks holding other shards, or that differs across the mesh, is
+refused on every rank.
 """
 
 from __future__ import annotations
@@ -203,3 +205,22 @@ def _twisted_replica_group():
 def test_replica_group_linking_a_different_shard_is_refused_on_every_rank(ranks):
     errors = ranks(4).run(_twisted_replica_group)
     assert all(e is not None and "cannot tell which ranks hold copies" in e for e in errors), errors
+
+
+def _replica_groups_not_alike_across_tp():
+    """(dp 2, tp 2), a Replicate() DTensor on mesh["tp"]; tp rank 0 passes its dp group, tp rank
+    1 a one-rank group.  Rank 0 finds the copies {0, 1, 2, 3}, rank 1 only {0, 1}: the members
+    disagree about the set, which the copy check in the all-reduce reports."""
+    mesh = init_device_mesh("cpu", (2, 2), mesh_dim_names=("dp", "tp"))
+    unlike, _ = dist.new_subgroups_by_enumeration([[0, 2], [1], [3]])
+    grads = [_parameter((7,), 2, mesh["tp"], [Replicate()]).grad]
+    try:
+        distclip.get_total_norm(grads, replica_group=unlike)
+    except ValueError as error:
+        return str(error)
+    return None
+
+
+def test_replica_groups_that_differ_across_the_mesh_are_refused_on_every_rank(ranks):
+    errors = ranks(4).run(_replica_groups_not_alike_across_tp)
+    assert all(e is not None and "hold different ones" in e for e in errors), errors
