@@ -3,10 +3,25 @@
 The rule.  A DTensor gradient's elements are split among the ranks of its mesh as its
 placements say: along a ``Shard`` (or FSDP2's ``_StridedShard``) mesh dim every rank holds
 different elements, along a ``Replicate`` dim the ranks hold copies.  A plain tensor is a DTensor
-on a one-rank mesh.  Outside its mesh, the corresponding tensor on another rank (found through
-the root DeviceMesh: the same position in a parallel slice of the root) is a copy when that rank
-is in ``replica_group`` (DDP; a LayerNorm left out of TP that sits on the dp sub-mesh is copied
-across tp) and a different tensor otherwise (another pipeline stage).
+on a one-rank mesh.  Outside its mesh, the copies follow from the mesh and ``replica_group``
+together.  The root DeviceMesh (for a standalone mesh, `group`'s rank order) is cut into sibling
+slices, translates of the tensor's mesh; in each, the *counterparts* are the positions holding
+this rank's shard.  For each sibling slice S, let ``linked`` be the ranks of ``replica_group`` in S:
+
+- none: S holds no copy (another pipeline stage, or no data parallelism);
+- a counterpart among them: every counterpart in S is a copy.  ``replica_group`` links S to this
+  slice, the placements say which ranks of S hold this shard: a ``Replicate`` DTensor on a
+  pipeline stage's tp mesh, with the dp group as ``replica_group``, is copied over dp x tp; a
+  LayerNorm left out of TP that sits on the dp sub-mesh, with the tp group, across tp.  Linked
+  ranks holding other shards are told apart by the placements, as inside the mesh itself (the
+  default ``replica_group``, all of `group`, links every rank of every slice);
+- only ranks holding other shards: S is linked, but to none of the ranks of this shard, so which
+  ranks hold copies is ambiguous: an OwnershipError (UNKNOWN_CORRESPONDENCE).
+
+Ranks of ``replica_group`` inside the tensor's own mesh change nothing: the placements say it.
+Every member of a copy set derives the same set locally when ``replica_group`` is the same
+group up to translation across the mesh (the dp group of each tp rank); where it is not, the
+members disagree about the set, which the copy check in the all-reduce finds.
 
 So every local tensor has a *copy set*: the ranks holding a bitwise identical copy of it.
 Instead of each copy doing the same norm work, the copies split it: the tensors sharing a copy
@@ -81,9 +96,10 @@ def shard_copy_set(
     """Copies of this rank's shard, for a tensor sharded over ``shard_group``.
 
     ``shard_group`` lists the ranks of the tensor's mesh (or process group) in position order;
-    ``same_shard`` the positions that hold the same elements as this rank.  Ranks of
-    ``replica_group`` outside the group hold copies when they sit at those positions of a sibling
-    slice of ``rank_space`` (the root mesh, or `group`'s order).
+    ``same_shard`` the positions that hold the same elements as this rank (its *counterparts*).
+    A sibling slice of ``shard_group`` in ``rank_space`` (the root mesh, or `group`'s order) with
+    a counterpart in ``replica_group`` is linked to this slice: all its counterparts are copies.
+    One with ranks of ``replica_group`` at other positions only is ambiguous (OwnershipError).
     """
     check_within_group(shard_group, topology)
     copies = {shard_group[i] for i in same_shard}
@@ -103,15 +119,16 @@ def shard_copy_set(
     for sibling in slices:
         if sibling == shard_group:
             continue
-        counterparts = [sibling[i] for i in same_shard]
-        in_replicas = [r in replicas for r in counterparts]
-        if any(in_replicas) and not all(in_replicas):
+        linked = replicas.intersection(sibling)
+        counterparts = {sibling[i] for i in same_shard}
+        if linked and linked.isdisjoint(counterparts):
             raise OwnershipError(
                 Problem.UNKNOWN_CORRESPONDENCE,
-                f"`replica_group` {sorted(replicas)} holds only part of the ranks {counterparts} "
-                f"that share a shard sharded over {shard_group}",
+                f"`replica_group` {sorted(replicas)} links ranks {sorted(linked)} of the slice "
+                f"{sibling} to this rank, but none of the ranks {sorted(counterparts)} holding "
+                f"this rank's shard there (a tensor sharded over {shard_group})",
             )
-        if all(in_replicas):
+        if linked:
             copies.update(counterparts)
     return tuple(sorted(copies))
 
