@@ -19,7 +19,7 @@ from distclip.copycheck import CopyCheck
 from distclip.ownership import Attribution, Ownership, OwnershipError, Problem, plan_ownership
 from distclip.partials import PNorm
 from distclip.pieces import Pieces, piece_norms, piece_tensors, split_ranges
-from distclip.reduction import all_reduce_partials, raise_problems
+from distclip.reduction import all_reduce_partials, raise_problems, reductions_over
 from distclip.scaling import scale_grouped_
 from distclip.spans import Runs, find_runs
 from distclip.topology import Topology, reduction_device
@@ -204,7 +204,7 @@ class NormPlan:
             problems,
             pnorm,
             self.topology,
-            self.copy_check.contributions(local, self.device),
+            self.copy_check.contributions(local, self.device, reductions_over(self.topology.process_group)),
             extra,
         )
         raise_problems(reduced, problems)

@@ -18,11 +18,17 @@ sending and restored from its flag after; flags are 0/1 and their sums count.
 Without a process group nothing is sent, so nothing is encoded either (``_reduce_alone``).
 ``extra`` is any other float64 vector the caller wants summed over the group in the same
 collective (the clipper's loss sum and loss count); a NaN in it stays in its own entry.
+
+Each process counts the reductions it takes part in, per process group
+(:func:`reductions_over`): every rank of a group takes part in every reduction over it, so the
+count is the same on all of them whatever else each rank did, and the copy check reads it to
+choose, without communicating, which copies all members sample (:mod:`distclip.copycheck`).
 """
 
 from __future__ import annotations
 
 import functools
+import weakref
 from dataclasses import dataclass
 
 import torch
@@ -36,6 +42,16 @@ from distclip.topology import Topology
 
 # Problems a rank finds in its own gradients; COPIES_DIFFER is found by the reduction itself.
 LOCAL_PROBLEMS = [p for p in Problem if p is not Problem.COPIES_DIFFER]
+
+# Per process group, the distclip reductions over it so far; weak, so that a destroyed group
+# takes its count along (a new group may reuse its id, never its count).
+_REDUCTIONS: weakref.WeakKeyDictionary[dist.ProcessGroup, int] = weakref.WeakKeyDictionary()
+
+
+def reductions_over(process_group: dist.ProcessGroup | None) -> int:
+    """How many distclip reductions this process has made over ``process_group``: the same on
+    every rank of it (0 without one)."""
+    return 0 if process_group is None else _REDUCTIONS.get(process_group, 0)
 
 
 @dataclass
@@ -87,6 +103,7 @@ def all_reduce_partials(
     if extra is not None:  # the functional API sends none: its vector stays as it was
         parts.append(extra.to(device, torch.float64))
     vector = torch.cat(parts)
+    _REDUCTIONS[topology.process_group] = reductions_over(topology.process_group) + 1
     dist.all_reduce(vector, op=dist.ReduceOp.SUM, group=topology.process_group)
 
     sizes = [values.numel(), k, k, len(LOCAL_PROBLEMS), copy_check.numel()] + [part.numel() for part in parts[4:]]
