@@ -86,10 +86,14 @@ def _smallest_prime_at_least(n: int) -> int:
     return candidate
 
 
+def _gathered(tensor: Tensor, index: Tensor) -> Tensor:
+    """``tensor``'s elements at flat logical positions ``index`` (1-byte dtypes as uint8: torch
+    gathers no float8)."""
+    return torch.take(tensor.view(torch.uint8) if tensor.element_size() == 1 else tensor, index)
+
+
 def _words(values: Tensor) -> Tensor:
     """The bit patterns of a 1-D tensor's elements as int64 (a 16-byte element gives two)."""
-    if values.dtype == torch.bool:
-        values = values.view(torch.uint8)
     return values.view(_INT_VIEW[min(values.element_size(), 8)]).to(torch.int64)
 
 
@@ -197,7 +201,7 @@ class CopyCheck:
         for unit in sampled.rotation.sampled(step):
             tensor = local[sampled.tensors[unit]]
             index = self._unit_indices(tensor.device)[n][unit]
-            picked.setdefault((tensor.device, tensor.dtype), []).append(torch.take(tensor, index))
+            picked.setdefault((tensor.device, tensor.dtype), []).append(_gathered(tensor, index))
         # One conversion per (device, dtype); members agree on the order, as on the layout.
         words = [_words(p[0] if len(p) == 1 else torch.cat(p)).to(device) for p in picked.values()]
         bits = words[0] if len(words) == 1 else torch.cat(words)
