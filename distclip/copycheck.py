@@ -39,13 +39,15 @@ changes nothing.  ``N`` consecutive windows cover every unit; so does any ``N`` 
 ``k``-th reduction over the group (other distclip calls over the group between them in a fixed
 pattern) when ``N`` does not divide ``k``, which ``N`` prime makes true for every ``k < N``.
 The value hash is ``sum_e m_e * (b_e mod PRIME) mod PRIME`` over the sampled words ``b_e``
-(the elements' bit patterns as integers; 16-byte elements are two words), with multipliers
+(the elements' bit patterns as integers: 1- and 2-byte elements one word each, larger ones
+32-bit words, two for an 8-byte element, four for a 16-byte one), with multipliers
 ``m_e`` in ``[1, PRIME)`` that depend on the position in the sample: one word that differs
 changes it unless its two patterns are congruent modulo PRIME.
 """
 
 from __future__ import annotations
 
+import itertools
 import math
 import zlib
 from dataclasses import dataclass
@@ -66,7 +68,7 @@ SIZE = SLOTS * FEATURES * 2
 # not grow with the model (one gather per unit); the window rotates to cover the rest.
 UNITS_PER_STEP = 16
 
-_INT_VIEW = {1: torch.uint8, 2: torch.int16, 4: torch.int32, 8: torch.int64}
+_WORD_VIEW = {1: torch.uint8, 2: torch.int16}  # larger elements are read as 32-bit words
 
 
 def _stable_hash(value: object) -> int:
@@ -86,15 +88,11 @@ def _smallest_prime_at_least(n: int) -> int:
     return candidate
 
 
-def _gathered(tensor: Tensor, index: Tensor) -> Tensor:
-    """``tensor``'s elements at flat logical positions ``index`` (1-byte dtypes as uint8: torch
-    gathers no float8)."""
-    return torch.take(tensor.view(torch.uint8) if tensor.element_size() == 1 else tensor, index)
-
-
 def _words(values: Tensor) -> Tensor:
-    """The bit patterns of a 1-D tensor's elements as int64 (a 16-byte element gives two)."""
-    return values.view(_INT_VIEW[min(values.element_size(), 8)]).to(torch.int64)
+    """The bit patterns of a 1-D tensor's elements as float64 integers: one word per element up
+    to 2 bytes, 32-bit words beyond (an 8-byte element gives two, a 16-byte one four), all
+    below 2**31 in magnitude, so exact in float64."""
+    return values.view(_WORD_VIEW.get(values.element_size(), torch.int32)).to(torch.float64)
 
 
 @dataclass(frozen=True)
@@ -118,10 +116,15 @@ class _Rotation:
 
 @dataclass(frozen=True)
 class _SampledSet:
-    """One copy set's units: the local tensor of each and the flat positions gathered from it."""
+    """One copy set's units: per unit the local tensor, the flat positions gathered from it and
+    its kind (an index into ``kinds``, the (device, dtype)s in order of first use); ``bytewise``
+    per unit: gathered through a uint8 view (torch gathers no float8)."""
 
     tensors: list[int]
     positions: list[list[int]]
+    kind_of: list[int]
+    kinds: list[tuple[torch.device, torch.dtype]]
+    bytewise: list[bool]
     rotation: _Rotation
 
 
@@ -142,8 +145,7 @@ class CopyCheck:
     ) -> None:
         base = torch.zeros(SIZE, dtype=torch.float64)
         self.sets: list[_SampledSet] = []
-        offsets: list[int] = []  # per sampled set: where its value-hash feature goes
-        weights: list[float] = []
+        placed: list[tuple[int, float]] = []  # per sampled set: its value-hash slot offset, weight
         longest = 0  # the most words one call samples from one set: the multipliers needed
         for members, segments in copy_buckets.items():
             slot = _stable_hash(members) % SLOTS
@@ -165,47 +167,70 @@ class CopyCheck:
             if not sampled:  # nothing but empty ranges: no values to hash (x = 0 on every member)
                 continue
             rotation = _Rotation.of(len(sampled))
-            words = sorted((len(p) * (2 if local[i].element_size() > 8 else 1) for i, p in sampled), reverse=True)
+            words = sorted((len(p) * max(1, local[i].element_size() // 4) for i, p in sampled), reverse=True)
             longest = max(longest, sum(words[: rotation.window]))
-            self.sets.append(_SampledSet([i for i, _ in sampled], [p for _, p in sampled], rotation))
-            offsets.append((slot * FEATURES + 2) * 2)
-            weights.append(weight)
+            kinds = list(dict.fromkeys((local[i].device, local[i].dtype) for i, _ in sampled))
+            self.sets.append(
+                _SampledSet(
+                    tensors=[i for i, _ in sampled],
+                    positions=[p for _, p in sampled],
+                    kind_of=[kinds.index((local[i].device, local[i].dtype)) for i, _ in sampled],
+                    kinds=kinds,
+                    bytewise=[local[i].element_size() == 1 for i, _ in sampled],
+                    rotation=rotation,
+                )
+            )
+            placed.append(((slot * FEATURES + 2) * 2, weight))
         # Multipliers in [1, PRIME), position-dependent, so that permuted values hash differently.
-        multipliers = torch.arange(longest, dtype=torch.int64) * 7919 % (PRIME - 1) + 1
+        multipliers = (torch.arange(longest, dtype=torch.int64) * 7919 % (PRIME - 1) + 1).to(torch.float64)
+        # (w * x, w * x**2) of every sampled set into its slot: weigh @ [x, x**2], one kernel.
+        weigh = torch.zeros(SIZE, 2 * len(placed), dtype=torch.float64)
+        for n, (offset, weight) in enumerate(placed):
+            weigh[offset, n] = weigh[offset + 1, len(placed) + n] = weight
         self._host = {
             "base": base,
             "multipliers": multipliers,
-            "offsets": torch.tensor(offsets + [o + 1 for o in offsets], dtype=torch.int64),
-            "weights": torch.tensor(weights, dtype=torch.float64),
+            "weigh": weigh,
         }
         self._on_device: dict[torch.device, dict[str, Tensor]] = {}
-        self._indices: dict[torch.device, list[list[Tensor]]] = {}  # per set, per unit: its positions
+        self._indices: list[list[Tensor]] | None = None  # per set, per unit: its positions, on its device
 
     def _constants(self, device: torch.device) -> dict[str, Tensor]:
         if device not in self._on_device:
             self._on_device[device] = {name: t.to(device) for name, t in self._host.items()}
         return self._on_device[device]
 
-    def _unit_indices(self, device: torch.device) -> list[list[Tensor]]:
-        """Every unit's positions as index tensors on ``device``, made once with one copy."""
-        if device not in self._indices:
-            flat = [p for sampled in self.sets for p in sampled.positions]
-            views = iter(torch.tensor([x for p in flat for x in p], device=device).split([len(p) for p in flat]))
-            self._indices[device] = [[next(views) for _ in sampled.positions] for sampled in self.sets]
-        return self._indices[device]
+    def _unit_indices(self) -> list[list[Tensor]]:
+        """Every unit's positions as an index tensor on its device, made at the first call (one
+        copy per device)."""
+        if self._indices is None:
+            by_device: dict[torch.device, list[tuple[int, int]]] = {}  # device -> (set, unit)s
+            for n, sampled in enumerate(self.sets):
+                for unit, kind in enumerate(sampled.kind_of):
+                    by_device.setdefault(sampled.kinds[kind][0], []).append((n, unit))
+            self._indices = [[None] * len(sampled.positions) for sampled in self.sets]
+            for device, units in by_device.items():
+                flat = [self.sets[n].positions[unit] for n, unit in units]
+                views = torch.tensor(list(itertools.chain.from_iterable(flat)), device=device).split(list(map(len, flat)))
+                for (n, unit), view in zip(units, views):
+                    self._indices[n][unit] = view
+        return self._indices
 
     def _value_hash(self, n: int, local: Sequence[Tensor], device: torch.device, step: int, multipliers: Tensor) -> Tensor:
-        """Set ``n``'s value hash for the units sampled at ``step``: 0-dim int64 on ``device``."""
-        sampled = self.sets[n]
-        picked: dict[tuple[torch.device, torch.dtype], list[Tensor]] = {}
+        """Set ``n``'s value hash, not yet reduced modulo PRIME, for the units sampled at
+        ``step``: 0-dim float64 on ``device``, an exact integer (every term is below 2**30)."""
+        sampled, indices = self.sets[n], self._unit_indices()[n]
+        picked: list[list[Tensor]] = [[] for _ in sampled.kinds]
         for unit in sampled.rotation.sampled(step):
             tensor = local[sampled.tensors[unit]]
-            index = self._unit_indices(tensor.device)[n][unit]
-            picked.setdefault((tensor.device, tensor.dtype), []).append(_gathered(tensor, index))
-        # One conversion per (device, dtype); members agree on the order, as on the layout.
-        words = [_words(p[0] if len(p) == 1 else torch.cat(p)).to(device) for p in picked.values()]
+            if sampled.bytewise[unit]:
+                tensor = tensor.view(torch.uint8)
+            picked[sampled.kind_of[unit]].append(torch.take(tensor, indices[unit]))
+        # One conversion per (device, dtype), in the set's order of them: the members agree on it.
+        words = [_words(p[0] if len(p) == 1 else torch.cat(p)) for p in picked if p]
+        words = [w if w.device == device else w.to(device) for w in words]
         bits = words[0] if len(words) == 1 else torch.cat(words)
-        return ((bits % PRIME) * multipliers[: bits.numel()]).sum() % PRIME
+        return torch.dot(torch.remainder(bits, PRIME), multipliers[: bits.numel()])
 
     def contributions(self, local: Sequence[Tensor], device: torch.device, step: int = 0) -> Tensor:
         """This rank's float64 contribution to the check slots, on ``device``, for the call made
@@ -214,9 +239,8 @@ class CopyCheck:
         if not self.sets:
             return constants["base"]
         hashes = [self._value_hash(n, local, device, step, constants["multipliers"]) for n in range(len(self.sets))]
-        x = torch.stack(hashes).to(torch.float64)
-        weighted = constants["weights"] * x
-        return constants["base"].index_add(0, constants["offsets"], torch.cat([weighted, weighted * x]))
+        x = torch.stack(hashes).remainder_(PRIME)
+        return torch.addmv(constants["base"], constants["weigh"], torch.cat([x, torch.square(x)]))
 
 
 def copies_differ(check_sums: Tensor) -> Tensor:
