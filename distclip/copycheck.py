@@ -43,6 +43,11 @@ The value hash is ``sum_e m_e * (b_e mod PRIME) mod PRIME`` over the sampled wor
 32-bit words, two for an 8-byte element, four for a 16-byte one), with multipliers
 ``m_e`` in ``[1, PRIME)`` that depend on the position in the sample: one word that differs
 changes it unless its two patterns are congruent modulo PRIME.
+
+How it is read changes nothing of what is read: when a window's units are views into one
+buffer (DDP's ``gradient_as_bucket_view``, a flat gradient buffer), one gather over the buffer
+reads the same elements as one gather per unit, after checking, for the window's units only,
+that each still lies where the plan found it (otherwise: one gather per unit).
 """
 
 from __future__ import annotations
@@ -88,6 +93,11 @@ def _smallest_prime_at_least(n: int) -> int:
     return candidate
 
 
+def _gatherable(tensor: Tensor) -> Tensor:
+    """``tensor``, or its uint8 view for 1-byte dtypes: torch gathers no float8."""
+    return tensor.view(torch.uint8) if tensor.element_size() == 1 else tensor
+
+
 def _words(values: Tensor) -> Tensor:
     """The bit patterns of a 1-D tensor's elements as float64 integers: one word per element up
     to 2 bytes, 32-bit words beyond (an 8-byte element gives two, a 16-byte one four), all
@@ -110,22 +120,68 @@ class _Rotation:
         return cls(units, window, 1 if needed == 1 else _smallest_prime_at_least(needed))
 
     def sampled(self, step: int) -> list[int]:
-        first = (step % self.windows) * self.window
+        return self.window_units(step % self.windows)
+
+    def window_units(self, window: int) -> list[int]:
+        first = window * self.window
         return [(first + i) % self.units for i in range(self.window)]
+
+
+@dataclass(frozen=True)
+class _Buffer:
+    """A window whose units were, at planning, contiguous views into one storage: unit ``k``
+    starts ``offsets[k]`` elements after the first unit; the window's positions, in window
+    order, are ``index`` into the ``length`` elements from ``start`` elements after the first
+    unit's first element."""
+
+    offsets: tuple[int, ...]
+    numels: tuple[int, ...]
+    start: int
+    length: int
+    index: list[int]
+
+    @classmethod
+    def of(cls, tensors: Sequence[Tensor], positions: Sequence[list[int]]) -> _Buffer | None:
+        if len(tensors) < 2 or not all(type(t) is Tensor and t.is_contiguous() for t in tensors):
+            return None
+        first = tensors[0]
+        if any(
+            (t.device, t.dtype, t.untyped_storage().data_ptr()) != (first.device, first.dtype, first.untyped_storage().data_ptr())
+            for t in tensors
+        ):
+            return None
+        offsets = [(t.data_ptr() - first.data_ptr()) // t.element_size() for t in tensors]
+        start = min(offsets)
+        length = max(o + t.numel() for o, t in zip(offsets, tensors)) - start
+        index = [o - start + p for o, unit in zip(offsets, positions) for p in unit]
+        return cls(tuple(offsets), tuple(t.numel() for t in tensors), start, length, index)
+
+    def view(self, tensors: Sequence[Tensor]) -> Tensor | None:
+        """The flat view of the buffer the plan found, over this call's ``tensors``; None unless
+        each still lies where it did (then it reads exactly their elements)."""
+        first = tensors[0]
+        base, size = first.data_ptr(), first.element_size()
+        for tensor, offset, numel in zip(tensors, self.offsets, self.numels):
+            if not tensor.is_contiguous() or tensor.data_ptr() != base + offset * size or tensor.numel() != numel:
+                return None
+        begin = first.storage_offset() + self.start
+        if begin < 0 or (begin + self.length) * size > first.untyped_storage().nbytes():
+            return None
+        return _gatherable(first).as_strided((self.length,), (1,), begin)
 
 
 @dataclass(frozen=True)
 class _SampledSet:
     """One copy set's units: per unit the local tensor, the flat positions gathered from it and
-    its kind (an index into ``kinds``, the (device, dtype)s in order of first use); ``bytewise``
-    per unit: gathered through a uint8 view (torch gathers no float8)."""
+    its kind (an index into ``kinds``, the (device, dtype)s in order of first use); per window,
+    its buffer if its units are views into one."""
 
     tensors: list[int]
     positions: list[list[int]]
     kind_of: list[int]
     kinds: list[tuple[torch.device, torch.dtype]]
-    bytewise: list[bool]
     rotation: _Rotation
+    buffers: list[_Buffer | None]
 
 
 class CopyCheck:
@@ -133,8 +189,9 @@ class CopyCheck:
 
     ``copy_buckets`` maps each copy set of more than one rank to the ordered segments this rank
     holds of it (see :func:`distclip.ownership.plan_ownership`).  Per call the work is one
-    gather per sampled unit (at most ``UNITS_PER_STEP`` per set) and a fixed handful of tensor
-    ops per set; no host sync, no tensor made from host values after the first call on a device.
+    gather per sampled unit (at most ``UNITS_PER_STEP`` per set; one for a window of views into
+    one buffer) and a fixed handful of tensor ops per set; no host sync, no tensor made from
+    host values after the first call.
     """
 
     def __init__(
@@ -166,20 +223,17 @@ class CopyCheck:
             sampled = [(i, p) for i, p in zip(unit_of, positions) if p]
             if not sampled:  # nothing but empty ranges: no values to hash (x = 0 on every member)
                 continue
+            tensors, positions = [i for i, _ in sampled], [p for _, p in sampled]
             rotation = _Rotation.of(len(sampled))
             words = sorted((len(p) * max(1, local[i].element_size() // 4) for i, p in sampled), reverse=True)
             longest = max(longest, sum(words[: rotation.window]))
-            kinds = list(dict.fromkeys((local[i].device, local[i].dtype) for i, _ in sampled))
-            self.sets.append(
-                _SampledSet(
-                    tensors=[i for i, _ in sampled],
-                    positions=[p for _, p in sampled],
-                    kind_of=[kinds.index((local[i].device, local[i].dtype)) for i, _ in sampled],
-                    kinds=kinds,
-                    bytewise=[local[i].element_size() == 1 for i, _ in sampled],
-                    rotation=rotation,
-                )
-            )
+            kinds = list(dict.fromkeys((local[i].device, local[i].dtype) for i in tensors))
+            buffers = []
+            for window in range(rotation.windows):
+                units = rotation.window_units(window)
+                buffers.append(_Buffer.of([local[tensors[u]] for u in units], [positions[u] for u in units]))
+            kind_of = [kinds.index((local[i].device, local[i].dtype)) for i in tensors]
+            self.sets.append(_SampledSet(tensors, positions, kind_of, kinds, rotation, buffers))
             placed.append(((slot * FEATURES + 2) * 2, weight))
         # Multipliers in [1, PRIME), position-dependent, so that permuted values hash differently.
         multipliers = (torch.arange(longest, dtype=torch.int64) * 7919 % (PRIME - 1) + 1).to(torch.float64)
@@ -187,50 +241,51 @@ class CopyCheck:
         weigh = torch.zeros(SIZE, 2 * len(placed), dtype=torch.float64)
         for n, (offset, weight) in enumerate(placed):
             weigh[offset, n] = weigh[offset + 1, len(placed) + n] = weight
-        self._host = {
-            "base": base,
-            "multipliers": multipliers,
-            "weigh": weigh,
-        }
+        self._host = {"base": base, "multipliers": multipliers, "weigh": weigh}
         self._on_device: dict[torch.device, dict[str, Tensor]] = {}
-        self._indices: list[list[Tensor]] | None = None  # per set, per unit: its positions, on its device
+        # Per set: each unit's positions and each buffer window's, as index tensors on their
+        # device; made at the first call, with one copy per device.
+        self._unit_indices: list[list[Tensor]] = []
+        self._buffer_indices: list[list[Tensor | None]] = []
 
     def _constants(self, device: torch.device) -> dict[str, Tensor]:
         if device not in self._on_device:
             self._on_device[device] = {name: t.to(device) for name, t in self._host.items()}
         return self._on_device[device]
 
-    def _unit_indices(self) -> list[list[Tensor]]:
-        """Every unit's positions as an index tensor on its device, made at the first call (one
-        copy per device)."""
-        if self._indices is None:
-            by_device: dict[torch.device, list[tuple[int, int]]] = {}  # device -> (set, unit)s
-            for n, sampled in enumerate(self.sets):
-                for unit, kind in enumerate(sampled.kind_of):
-                    by_device.setdefault(sampled.kinds[kind][0], []).append((n, unit))
-            self._indices = [[None] * len(sampled.positions) for sampled in self.sets]
-            for device, units in by_device.items():
-                flat = [self.sets[n].positions[unit] for n, unit in units]
-                views = torch.tensor(list(itertools.chain.from_iterable(flat)), device=device).split(list(map(len, flat)))
-                for (n, unit), view in zip(units, views):
-                    self._indices[n][unit] = view
-        return self._indices
+    def _make_indices(self) -> None:
+        wanted: dict[torch.device, list[tuple[list, int, list[int]]]] = {}  # device -> (where, at, positions)
+        for sampled in self.sets:
+            units: list = [None] * len(sampled.positions)
+            buffers: list = [None] * len(sampled.buffers)
+            for unit, kind in enumerate(sampled.kind_of):
+                wanted.setdefault(sampled.kinds[kind][0], []).append((units, unit, sampled.positions[unit]))
+            for window, buffer in enumerate(sampled.buffers):
+                if buffer is not None:
+                    device = sampled.kinds[sampled.kind_of[sampled.rotation.window_units(window)[0]]][0]
+                    wanted.setdefault(device, []).append((buffers, window, buffer.index))
+            self._unit_indices.append(units)
+            self._buffer_indices.append(buffers)
+        for device, entries in wanted.items():
+            flat = torch.tensor(list(itertools.chain.from_iterable(p for _, _, p in entries)), device=device)
+            for (where, at, _), index in zip(entries, flat.split([len(p) for _, _, p in entries])):
+                where[at] = index
 
-    def _value_hash(self, n: int, local: Sequence[Tensor], device: torch.device, step: int, multipliers: Tensor) -> Tensor:
-        """Set ``n``'s value hash, not yet reduced modulo PRIME, for the units sampled at
-        ``step``: 0-dim float64 on ``device``, an exact integer (every term is below 2**30)."""
-        sampled, indices = self.sets[n], self._unit_indices()[n]
+    def _sampled_words(self, n: int, local: Sequence[Tensor], step: int) -> list[Tensor]:
+        """The bit-pattern words of set ``n``'s units sampled at ``step``, per (device, dtype) in
+        the set's order of them (the members agree on it), unit by unit in window order."""
+        sampled = self.sets[n]
+        window = step % sampled.rotation.windows
+        units = sampled.rotation.window_units(window)
+        tensors = [local[sampled.tensors[u]] for u in units]
+        buffer = sampled.buffers[window]
+        view = buffer.view(tensors) if buffer is not None else None
+        if view is not None:  # one gather over the buffer, the same elements
+            return [_words(torch.take(view, self._buffer_indices[n][window]))]
         picked: list[list[Tensor]] = [[] for _ in sampled.kinds]
-        for unit in sampled.rotation.sampled(step):
-            tensor = local[sampled.tensors[unit]]
-            if sampled.bytewise[unit]:
-                tensor = tensor.view(torch.uint8)
-            picked[sampled.kind_of[unit]].append(torch.take(tensor, indices[unit]))
-        # One conversion per (device, dtype), in the set's order of them: the members agree on it.
-        words = [_words(p[0] if len(p) == 1 else torch.cat(p)) for p in picked if p]
-        words = [w if w.device == device else w.to(device) for w in words]
-        bits = words[0] if len(words) == 1 else torch.cat(words)
-        return torch.dot(torch.remainder(bits, PRIME), multipliers[: bits.numel()])
+        for unit, tensor in zip(units, tensors):
+            picked[sampled.kind_of[unit]].append(torch.take(_gatherable(tensor), self._unit_indices[n][unit]))
+        return [_words(p[0] if len(p) == 1 else torch.cat(p)) for p in picked if p]
 
     def contributions(self, local: Sequence[Tensor], device: torch.device, step: int = 0) -> Tensor:
         """This rank's float64 contribution to the check slots, on ``device``, for the call made
@@ -238,7 +293,14 @@ class CopyCheck:
         constants = self._constants(device)
         if not self.sets:
             return constants["base"]
-        hashes = [self._value_hash(n, local, device, step, constants["multipliers"]) for n in range(len(self.sets))]
+        if not self._unit_indices:
+            self._make_indices()
+        hashes = []
+        for n in range(len(self.sets)):
+            words = [w if w.device == device else w.to(device) for w in self._sampled_words(n, local, step)]
+            bits = words[0] if len(words) == 1 else torch.cat(words)
+            # Every term is below 2**30, the sum an exact integer in float64.
+            hashes.append(torch.dot(torch.remainder(bits, PRIME), constants["multipliers"][: bits.numel()]))
         x = torch.stack(hashes).remainder_(PRIME)
         return torch.addmv(constants["base"], constants["weigh"], torch.cat([x, torch.square(x)]))
 
