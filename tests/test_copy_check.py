@@ -405,3 +405,52 @@ def _non_contiguous_copies(differ: bool):
 @pytest.mark.parametrize("differ", [False, True], ids=["agreeing", "differing"])
 def test_non_contiguous_gradients_as_copies(ranks, differ):
     ranks(2).run(_non_contiguous_copies, differ)
+
+
+# -- Views into one buffer: read in one gather, the same elements as one gather per tensor -------
+
+
+def _in_one_buffer(tensors: list[torch.Tensor], reverse: bool = True) -> list[torch.Tensor]:
+    """Copies of ``tensors`` as views into one flat buffer, laid out in reverse order (as DDP
+    fills its buckets), so that memory order is not list order."""
+    order = list(reversed(range(len(tensors)))) if reverse else list(range(len(tensors)))
+    buffer = torch.cat([tensors[i].reshape(-1) for i in order])
+    views, at = [None] * len(tensors), 0
+    for i in order:
+        views[i] = buffer[at : at + tensors[i].numel()].view(tensors[i].shape)
+        at += tensors[i].numel()
+    return views
+
+
+def _planned(members, rank, planned):
+    """Member ``rank``'s check, planned on its tensors ``planned`` (one copy set of them all)."""
+    return CopyCheck({members: [(i, 0, t.numel()) for i, t in enumerate(planned)]}, planned, rank)
+
+
+def test_members_holding_copies_in_a_buffer_and_as_separate_tensors_agree():
+    torch.manual_seed(4)
+    separate = [torch.randn(3, 4) for _ in range(40)]  # three windows
+    in_buffer, copies = _in_one_buffer(separate), [t.clone() for t in separate]
+    buffered, apart = _planned((0, 1), 0, in_buffer), _planned((0, 1), 1, copies)
+    assert all(b is not None for b in buffered.sets[0].buffers), "each window is read in one gather"
+    for step in range(6):
+        total = buffered.contributions(in_buffer, CPU, step) + apart.contributions(copies, CPU, step)
+        assert torch.equal(total, torch.zeros(SIZE, dtype=torch.float64)), step
+
+
+def test_a_gradient_moved_out_of_its_buffer_is_read_where_it_now_is():
+    torch.manual_seed(5)
+    separate = [torch.randn(3, 4) for _ in range(40)]
+    in_buffer, copies = _in_one_buffer(separate), [t.clone() for t in separate]
+    buffered, apart = _planned((0, 1), 0, in_buffer), _planned((0, 1), 1, copies)
+    moved = list(in_buffer)
+    moved[5] = in_buffer[5].clone()  # p.grad replaced on this rank only, same values
+    in_buffer[5].fill_(123.0)  # what is left in the buffer is no gradient any more
+    agree = buffered.contributions(moved, CPU, 0) + apart.contributions(copies, CPU, 0)
+    assert torch.equal(agree, torch.zeros(SIZE, dtype=torch.float64)), "the stale buffer must not be read"
+    moved[5][0, 0] += 1  # the gradient itself now differs (its first element is always sampled)
+    differ = buffered.contributions(moved, CPU, 0) + apart.contributions(copies, CPU, 0)
+    assert bool((differ != 0).any())
+
+
+CPU = torch.device("cpu")
