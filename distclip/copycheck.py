@@ -119,8 +119,9 @@ class _Rotation:
         needed = -(-units // window)
         return cls(units, window, 1 if needed == 1 else _smallest_prime_at_least(needed))
 
-    def sampled(self, step: int) -> list[int]:
-        return self.window_units(step % self.windows)
+    def window_at(self, step: int) -> int:
+        """The window sampled by the call made after ``step`` reductions over the group."""
+        return step % self.windows
 
     def window_units(self, window: int) -> list[int]:
         first = window * self.window
@@ -275,7 +276,7 @@ class CopyCheck:
         """The bit-pattern words of set ``n``'s units sampled at ``step``, per (device, dtype) in
         the set's order of them (the members agree on it), unit by unit in window order."""
         sampled = self.sets[n]
-        window = step % sampled.rotation.windows
+        window = sampled.rotation.window_at(step)
         units = sampled.rotation.window_units(window)
         tensors = [local[sampled.tensors[u]] for u in units]
         buffer = sampled.buffers[window]

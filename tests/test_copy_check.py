@@ -185,10 +185,10 @@ def _copies(count: int, layout: str, shape=(3, 4), seed: int = 0) -> list[nn.Par
     all-reduce): separate tensors, or views into one flat buffer (``gradient_as_bucket_view``)."""
     values = torch.randn(count, *shape, generator=torch.Generator().manual_seed(seed))
     params = [nn.Parameter(torch.empty(shape)) for _ in range(count)]
-    for param, value in zip(params, values if layout == "bucket-view" else values.clone().unbind()):
-        param.grad = value  # unbind of the buffer: views into it, end to end
-    if layout == "bucket-view":
-        assert params[1].grad.data_ptr() == params[0].grad.data_ptr() + params[0].grad.nbytes
+    for param, value in zip(params, values):  # iterating the buffer: views into it, end to end
+        param.grad = value if layout == "bucket-view" else value.clone()
+    in_one_buffer = params[1].grad.data_ptr() == params[0].grad.data_ptr() + params[0].grad.nbytes
+    assert in_one_buffer == (layout == "bucket-view")
     return params
 
 
@@ -318,7 +318,7 @@ def test_the_rotation_covers_every_tensor_within_the_stated_number_of_calls(unit
                 continue
             sampled = set()
             for call in range(bound):
-                sampled.update(rotation.sampled(first + call * every))
+                sampled.update(rotation.window_units(rotation.window_at(first + call * every)))
             assert sampled == set(range(units)), (first, every)
 
 
