@@ -246,10 +246,11 @@ def _parameter_of_an_fsdp1_flat_gradient_not_synchronized():
     model(torch.randn(2, 3)).square().sum().backward()
     flat = model._handle.flat_param
     assert len(flat._numels) == 100
-    if dist.get_rank() == 1:
-        real = [n for n, padding in zip(flat._numels_with_padding, flat._is_padding_mask) if not padding]
-        start = sum(real[:-1])  # no padding between parameters of one dtype on the CPU
-        flat.grad[start : start + real[-1]].add_(1.0)  # the last bias only
+    if dist.get_rank() == 1:  # the last bias only: its range, padding before it counted
+        sizes = list(zip(flat._numels_with_padding, flat._is_padding_mask))
+        last = max(k for k, (_, padding) in enumerate(sizes) if not padding)
+        start = sum(n for n, _ in sizes[:last])
+        flat.grad[start : start + sizes[last][0]].add_(1.0)
     before = flat.grad.clone()
     with pytest.raises(ValueError, match="hold different ones"):
         distclip.clip_grad_norm_(model, 0.01)
@@ -345,10 +346,8 @@ def _last_word_of_first_element_flipped(tensor: torch.Tensor) -> torch.Tensor:
     """A copy of ``tensor`` whose first element differs in its last bit pattern word only (the
     imaginary part of a complex128, the only byte of a bool)."""
     changed = tensor.clone()
-    flat = changed.view(-1)[:1]
     word = {1: torch.uint8, 2: torch.int16, 4: torch.int32, 8: torch.int64, 16: torch.int64}[tensor.element_size()]
-    words = (flat.view(torch.uint8) if tensor.dtype == torch.bool else flat).view(word)
-    words[-1:] ^= 1
+    changed.view(-1)[:1].view(word)[-1:] ^= 1
     return changed
 
 
@@ -362,7 +361,7 @@ def test_copies_of_every_dtype_agree_and_one_changed_bit_is_found(dtype):
     tensors = [torch.randn(5, 3).to(dtype) if dtype != torch.bool else torch.randn(5, 3) > 0 for _ in range(3)]
     assert torch.equal(_check_sum([tensors, [t.clone() for t in tensors]]), torch.zeros(SIZE))
     changed = tensors[:2] + [_last_word_of_first_element_flipped(tensors[2])]
-    assert not torch.equal(changed[2], tensors[2]) or dtype == torch.bool
+    assert not torch.equal(changed[2].view(torch.uint8), tensors[2].view(torch.uint8))
     assert bool((_check_sum([tensors, changed]) != 0).any())
 
 
@@ -398,7 +397,7 @@ def _non_contiguous_copies(differ: bool):
     if differ:
         with pytest.raises(ValueError, match="hold different ones"):
             distclip.get_total_norm([p.grad for p in params])
-    else:
+    else:  # the check only: the norm of strided gradients is issue 29's part 1, tested there
         assert distclip.get_total_norm([p.grad for p in params]).isfinite()
 
 
