@@ -11,7 +11,8 @@ existed.  Each round times, back to back on the same gradients: the check's own 
 (``CopyCheck.contributions`` at successive reduction counts, so that the window rotates as in
 training), the clip with the check, without it, torch's ``clip_grad_norm_(foreach=True)`` and,
 for the buffer, the per-call pointer check (``spans.Runs.views``) that sampling every tensor of
-it with one gather would need; figures are medians over rounds.  On 2 cores shared by 2 ranks
+it with one gather would need, every other round in reverse order; figures are medians over
+rounds.  On 2 cores shared by 2 ranks
 the check alone over the clip without it is the precise figure, the with/without ratio the
 noisy one.
 """
@@ -86,8 +87,9 @@ def measure(params: list[nn.Parameter], calls: int, rounds: int) -> dict[str, fl
     if runs is not None:
         cases["pointer_check"] = lambda: runs.views(local)
     times: dict[str, list[float]] = {name: [] for name in cases}
-    for _ in range(rounds):
-        for name, fn in cases.items():
+    for round_ in range(rounds):
+        # Every other round in reverse order, so that no case always follows the same one.
+        for name, fn in list(cases.items())[:: 1 if round_ % 2 else -1]:
             # The short ones many times over, so that the barriers around them do not count.
             times[name].append(seconds(fn, calls if name in ("with_check", "without", "torch") else 30 * calls))
     plan.copy_check = checked
