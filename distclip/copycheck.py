@@ -9,7 +9,8 @@ and a wrong assumption is raised on every rank together.
 
 The rule.  For each copy set ``C`` (the sorted ranks holding copies of a list of tensors, in
 order), each member computes features ``x`` of its list: the number of tensors, a hash of their
-shapes, dtypes and counted ranges, and a hash of the bit patterns of sampled elements.  Member
+shapes, dtypes, counted ranges and which ranges share a tensor, and a hash of the bit patterns
+of sampled elements.  Member
 ``i`` adds ``w_i * x`` and ``w_i * x**2`` to slot ``hash(C) mod SLOTS``, with ``w = k - 1`` for
 the lowest rank of ``C`` and ``w = -1`` for the other ``k - 1``.  The SUM over the group of a
 slot is then::
