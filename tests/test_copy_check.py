@@ -15,7 +15,7 @@ from torch.distributed.fsdp import FullyShardedDataParallel, ShardingStrategy
 from torch.distributed.tensor import DTensor, Replicate, Shard
 
 import distclip
-from distclip.copycheck import PRIME, SIZE, SLOTS, UNITS_PER_STEP, CopyCheck, _Rotation
+from distclip.copycheck import SIZE, SLOTS, UNITS_PER_STEP, CopyCheck, _Rotation
 from reference import NoHostSync, assert_close_norm, collectives, full_grads, reference_norm
 
 NORMS = [2.0, 1.0, 0.0, math.inf, -math.inf]
