@@ -20,7 +20,7 @@ from distclip.ownership import Attribution, Ownership, OwnershipError, Problem, 
 from distclip.partials import PNorm
 from distclip.pieces import Pieces, piece_norms, piece_tensors, split_ranges
 from distclip import layout
-from distclip.reduction import Contribution
+from distclip.reduction import Contribution, reductions_over
 from distclip.scaling import scale_grouped_
 from distclip.spans import Runs, find_runs
 from distclip.topology import Topology, reduction_device
@@ -207,7 +207,7 @@ class NormPlan:
             partials=self.partials(local, pnorm, foreach, wide=wide) if partials is None else partials,
             present=self.presence,
             problems={**self.problems, **problems} if problems else self.problems,
-            copy_check=self.copy_check.contributions(local, self.device),
+            copy_check=self.copy_check.contributions(local, self.device, reductions_over(self.topology.process_group)),
             checks=layout.checks(layout.Layout(), [], self.device) if checks is None else checks,
             extra=extra,
             relayout=relayout,
