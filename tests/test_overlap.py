@@ -1,8 +1,10 @@
 """GradClipper(overlap=True): partials taken during backward give the normal pass's norm, are
-used only for gradients provably unchanged since, and the step falls back otherwise.
+used only for gradients whose hook saw them final (their copies agreeing) and that are provably
+unchanged since, and the step takes the normal pass otherwise.
 
 Every step is checked against the float64 reference of the full gradients; ``steps_used``
-(every partial came from backward) and ``steps_fallen_back`` say which path the step took."""
+(every partial came from backward), ``steps_fallen_back`` (a gradient changed after its hook)
+and ``steps_unproven`` (a gradient no hook proves final) say which path the step took."""
 
 from __future__ import annotations
 
@@ -392,3 +394,21 @@ def test_assume_final_takes_copied_gradients_during_backward_on_the_users_word(r
 def test_an_unknown_overlap_setting_is_refused_naming_the_allowed_ones(overlap):
     with pytest.raises(ValueError, match=r"overlap must be False, True or 'assume_final', got"):
         distclip.GradClipper(build(), overlap=overlap)
+
+
+def _pipeline_stages_without_copies():
+    stage = dist.get_rank()
+
+    def backward_step(model, step):
+        (model(step) ** 2).mean().backward()
+
+    def named(model):  # untied: every parameter is its stage's own
+        return [(f"stage{stage}.{name}", p.grad) for name, p in model.named_parameters()]
+
+    return _clip_both_ways((_Stage(stage), _Stage(stage)), named, backward_step, lambda m: {"replica_group": lambda p: None})
+
+
+def test_pipeline_stages_whose_gradients_have_no_copies_take_their_partials_during_backward(ranks):
+    # Each rank alone in every copy group: no collective over copies can come after backward.
+    per_rank = ranks(2).run(_pipeline_stages_without_copies)
+    assert all(paths == (2, 0, 0) for _, paths in per_rank), per_rank
