@@ -215,7 +215,7 @@ class BackwardPartials:
     def _warn_once(self, kind: str, message: str) -> None:
         if kind not in self._warned:
             self._warned.add(kind)
-            warnings.warn(message, stacklevel=6)  # the caller of GradClipper.clip_
+            warnings.warn(message, stacklevel=7)  # the caller of GradClipper.clip_ (under no_grad)
 
     def _unproven(self, plan: NormPlan, params_of_grads: Sequence[Tensor]) -> int:
         """How many of the gradients this rank owns part of under ``plan`` have copies beyond
@@ -233,10 +233,11 @@ class BackwardPartials:
         return self._verdict[1]
 
     def _seen_agree(self, param: Tensor, mesh_ranks: dict[int, frozenset[int]]) -> frozenset[int]:
-        """The other ranks whose copies of ``param``'s gradient agree with this one's when its
-        hook runs: DDP's process group (its all-reduce comes first) and, for a DTensor, its mesh
-        (FSDP2 reduces over it before the hook; DTensor's placements hold along it); none for a
-        plain tensor outside DDP.  ``mesh_ranks``: memo by mesh."""
+        """The ranks whose copies of ``param``'s gradient are known to agree when its hook runs:
+        DDP's process group (its all-reduce comes first) and, for a DTensor, its mesh (FSDP2
+        reduces over it before the hook; DTensor's placements hold along it); none for a plain
+        tensor outside DDP (only a copy set of this rank alone is final there).
+        ``mesh_ranks``: memo by mesh."""
         if not isinstance(param, DTensor):
             return self._ddp_ranks
         mesh = param.device_mesh
