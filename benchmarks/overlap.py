@@ -59,7 +59,7 @@ def variants(model: nn.Module, wrapping: str, alone: dist.ProcessGroup) -> dict:
         elif wrapping == "ddp":
             m = DDP(m, gradient_as_bucket_view=True)
         optimizer = torch.optim.AdamW(m.parameters(), lr=1e-6, fused=True)
-        clip = None
+        clip = clipper = None
         if name == "torch":
             clip = lambda m=m: torch.nn.utils.clip_grad_norm_(m.parameters(), 1.0, foreach=True)
         else:
@@ -69,7 +69,7 @@ def variants(model: nn.Module, wrapping: str, alone: dist.ProcessGroup) -> dict:
                 clipper.attach(optimizer)
             else:
                 clip = clipper.clip_
-        out[name] = (m, optimizer, clip)
+        out[name] = (m, optimizer, clip, clipper)
     return out
 
 
@@ -79,7 +79,7 @@ def measure(case: str, model: nn.Module, wrapping: str, batch: torch.Tensor, rou
     step_times = {name: [] for name in setups}
     clip_times = {name: [] for name in setups}
     for round_ in range(rounds + 2):
-        for name, (m, optimizer, clip) in setups.items():
+        for name, (m, optimizer, clip, _) in setups.items():
             dist.barrier()
             start = time.perf_counter()
             m(batch).square().mean().backward()
@@ -92,6 +92,10 @@ def measure(case: str, model: nn.Module, wrapping: str, batch: torch.Tensor, rou
             if round_ >= 2:  # warm-up: plans, and overlap's first step has no plan yet
                 step_times[name].append(end - start)
                 clip_times[name].append(end - backward_done)
+    for name, (_, _, _, clipper) in setups.items():
+        if name.endswith("overlap"):  # else it would time the normal pass under overlap's name
+            partials = clipper.backward_partials
+            assert partials.steps_used == rounds + 1, (case, name, vars(partials))
     torch_step, torch_clip = statistics.median(step_times["torch"]), statistics.median(clip_times["torch"])
     for name in setups:
         step, clip = statistics.median(step_times[name]), statistics.median(clip_times[name])

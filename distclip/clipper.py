@@ -37,7 +37,7 @@ from distclip.layout import Layout, agree
 from distclip.layout import checks as layout_checks
 from distclip.metrics import Metric, bad_value, decode, encode, names_of
 from distclip.metrics import slots as metric_slots
-from distclip.overlap import BackwardPartials
+from distclip.overlap import ASSUME_FINAL, BackwardPartials, check_overlap
 from distclip.partial import reduce_partial_gradients_
 from distclip.partials import PNorm
 from distclip.plan import NormPlan
@@ -76,10 +76,12 @@ class GradClipper:
             and an attached optimizer's step is a no-op).
         foreach: as in torch.
         history: how many past total norms to keep (in ``state_dict``).
-        overlap: take each gradient's partial during backward, as soon as it is final
-            (:mod:`distclip.overlap`: FSDP2, DDP with ``gradient_as_bucket_view=True``, gradients
-            final when autograd writes them; otherwise the normal pass).  The same norm either way, up
-            to float32 rounding.
+        overlap: True: take each gradient's partial during backward, as soon as it is final,
+            where distclip can prove it final (:mod:`distclip.overlap`: FSDP2, DDP with
+            ``gradient_as_bucket_view=True``, gradients with no copy on another rank; otherwise the
+            normal pass).  The same norm either way, up to float32 rounding.
+            ``"assume_final"``: also for gradients copied on other ranks, on your word that nothing
+            (no ``dist.all_reduce(p.grad)``) changes a gradient after backward wrote it.
     """
 
     def __init__(
@@ -95,8 +97,9 @@ class GradClipper:
         nonfinite: str = "propagate",
         foreach: bool | None = None,
         history: int = 1000,
-        overlap: bool = False,
+        overlap: bool | str = False,
     ) -> None:
+        overlap = check_overlap(overlap)
         self.nonfinite = check_nonfinite_policy(nonfinite)
         self.policy = max_norm if isinstance(max_norm, ThresholdPolicy) else None
         self.max_norm = max_norm if self.policy is not None else check_max_norm(max_norm)
@@ -123,7 +126,9 @@ class GradClipper:
         if overlap and self.source.fsdp1 is not None:
             warnings.warn("distclip: overlap=True has no effect on FSDP1 models (FSDP1 runs no gradient hooks)")
         elif overlap:
-            self.backward_partials = BackwardPartials(self.pnorm, foreach, ddp=self.module)
+            self.backward_partials = BackwardPartials(
+                self.pnorm, foreach, ddp=self.module, assume_final=overlap == ASSUME_FINAL
+            )
             self.backward_partials.watch(self.source.params)
         self.steps = 0
         self._clipped_steps = torch.zeros((), dtype=torch.int64)

@@ -72,6 +72,13 @@ class NormPlan:
 
         ownership = plan_ownership(grads, topology, known, keys)
         self.problems: dict[Problem, str] = ownership.problems
+        # The copy set of each gradient held by other ranks too: a collective over those ranks
+        # may still change it after backward, which distclip.overlap must rule out.
+        self.copy_sets: dict[int, tuple[int, ...]] = {
+            index: attribution.copies
+            for index, attribution in enumerate(ownership.attributions)
+            if isinstance(attribution, Attribution) and len(attribution.copies) > 1
+        }
         if self.problems:  # the norm will be NaN (or raised): count and check nothing
             ownership = Ownership([], self.problems)
         self.copy_check = CopyCheck(ownership.copy_buckets, local, topology.rank)

@@ -1,8 +1,10 @@
 """GradClipper(overlap=True): partials taken during backward give the normal pass's norm, are
-used only for gradients provably unchanged since, and the step falls back otherwise.
+used only for gradients whose hook saw them final (their copies agreeing) and that are provably
+unchanged since, and the step takes the normal pass otherwise.
 
 Every step is checked against the float64 reference of the full gradients; ``steps_used``
-(every partial came from backward) and ``steps_fallen_back`` say which path the step took."""
+(every partial came from backward), ``steps_fallen_back`` (a gradient changed after its hook)
+and ``steps_unproven`` (a gradient no hook proves final) say which path the step took."""
 
 from __future__ import annotations
 
@@ -16,6 +18,7 @@ from torch.distributed.device_mesh import init_device_mesh
 from torch import nn
 from torch.distributed.algorithms.ddp_comm_hooks.default_hooks import allreduce_hook
 from torch.distributed.fsdp import fully_shard
+from torch.distributed.tensor import distribute_module
 from torch.distributed.tensor.parallel import ColwiseParallel, RowwiseParallel, parallelize_module
 from torch.nn.parallel import DistributedDataParallel as DDP
 
@@ -139,13 +142,18 @@ def test_fsdp2_gradient_accumulation_counts_only_the_synchronised_micro_batch(ra
     assert per_rank[0] == per_rank[1]
 
 
-def _tensor_parallel_overlap(dp, tp):
+def _tensor_parallel_overlap(dp, tp, layer_norm):
     """Tensor parallel (ColwiseParallel / RowwiseParallel DTensors, whose gradients autograd
-    writes; a LayerNorm replicated over tp as plain tensors), under FSDP2 on dp when dp > 1."""
+    writes), under FSDP2 on dp when dp > 1.  The LayerNorm is copied over tp: as a ``Replicate``
+    DTensor (copies its placements promise) or as plain tensors (copies by ``replica_group``:
+    Megatron's sequence parallelism all-reduces those after backward, so no hook proves them)."""
     mesh = init_device_mesh("cpu", (dp, tp), mesh_dim_names=("dp", "tp"))
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(8, 32), nn.ReLU(), nn.Linear(32, 8), nn.LayerNorm(8))
-    parallelize_module(model, mesh["tp"], {"0": ColwiseParallel(), "2": RowwiseParallel()})
+    replicated = layer_norm == "replicated DTensor"
+    parallelize_module(model, mesh["tp"], {"0": ColwiseParallel(), "2": RowwiseParallel(use_local_output=not replicated)})
+    if replicated:
+        distribute_module(model[3], mesh["tp"], output_fn=lambda module, output, mesh: output.to_local())
     if dp > 1:
         fully_shard(model, mesh=mesh["dp"])
     clipper = distclip.GradClipper(model, max_norm=0.05, overlap=True)
@@ -155,17 +163,22 @@ def _tensor_parallel_overlap(dp, tp):
         x = torch.randn(2, 2 * tp, 8, generator=torch.Generator().manual_seed(10 * step + mesh["dp"].get_local_rank()))
         (model(x) ** 2).mean().backward()
         expected = _reference(model, 2.0)
-        result = clipper.clip_()
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # plain: the warning for an unproven plan
+            result = clipper.clip_()
         assert_close_norm(result.total_norm.item(), expected, 2.0, rtol=1e-6)
         norms.append(result.total_norm.item().hex())
-    assert clipper.backward_partials.steps_used == 2
-    return norms
+    return norms, (clipper.backward_partials.steps_used, clipper.backward_partials.steps_unproven)
 
 
+@pytest.mark.parametrize("layer_norm,paths", [("replicated DTensor", (2, 0)), ("plain", (0, 3))])
 @pytest.mark.parametrize("dp,tp", [(1, 2), (2, 2)], ids=["tp2", "fsdp2xtp2"])
-def test_tensor_parallel_gradients_are_taken_during_backward_exactly(ranks, dp, tp):
-    per_rank = ranks(dp * tp).run(_tensor_parallel_overlap, dp, tp)
-    assert all(norms == per_rank[0] for norms in per_rank)
+def test_tensor_parallel_gradients_are_taken_during_backward_where_their_copies_are_dtensors(
+    ranks, dp, tp, layer_norm, paths
+):
+    per_rank = ranks(dp * tp).run(_tensor_parallel_overlap, dp, tp, layer_norm)
+    assert all(norms == per_rank[0][0] for norms, _ in per_rank)
+    assert all(taken == paths for _, taken in per_rank), per_rank
 
 
 def _ddp_overlap(bucket_view):
@@ -243,3 +256,159 @@ def _fsdp1_overlap_warns():
         expected = reference_norm({n: p.grad.double().clone() for n, p in model.named_parameters()}, 2.0)
     assert_close_norm(clipper.clip_().total_norm.item(), expected, 2.0, rtol=1e-6)
     assert clipper.backward_partials is None
+
+
+# -- gradients that a collective of the user's may still change after backward ---------------
+# c10d collectives and writes through ``.data`` do not bump a tensor's version counter, so no
+# check at the step can see them: a partial taken in a hook counts only where distclip proves
+# its gradient final (distclip.overlap's rule).
+
+
+def _average_gradients(model, form):
+    """Manual data parallel, as users write it after backward."""
+    world = dist.get_world_size()
+    for param in model.parameters():
+        if form == "all_reduce(p.grad), loss / world":
+            dist.all_reduce(param.grad)
+        elif form == "all_reduce(p.grad), p.grad /= world":
+            dist.all_reduce(param.grad)
+            param.grad /= world
+        else:  # the tutorial's form ("Writing Distributed Applications with PyTorch")
+            dist.all_reduce(param.grad.data)
+            param.grad.data /= world
+
+
+def _clip_both_ways(models, named, backward_step, options=lambda model: {}, overlap=True, steps=3):
+    """Two identical models, their gradients made alike by ``backward_step(model, step)``; one
+    clipped with ``overlap``, the other without.  Every step the overlapped clip is checked
+    against the float64 reference (``named(model)``: name -> gradient, copies named alike) and
+    against the clip without overlap, norm and gradients; ``options(model)``: more arguments of
+    the clippers.  Returns the norms and ``(steps_used, steps_unproven, warnings that name the
+    opt-in)``."""
+    ours, theirs = models
+    overlapped = distclip.GradClipper(ours, max_norm=0.05, overlap=overlap, **options(ours))
+    normal = distclip.GradClipper(theirs, max_norm=0.05, **options(theirs))
+    norms, warned = [], 0
+    for step in range(steps):
+        for model in (ours, theirs):
+            model.zero_grad(set_to_none=True)
+            backward_step(model, step)
+        expected = reference_norm(full_grads(named(ours)), 2.0)
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            mine = overlapped.clip_()
+        warned += len([w for w in caught if "pass overlap='assume_final'" in str(w.message)])
+        assert_close_norm(mine.total_norm.item(), expected, 2.0, rtol=1e-6)
+        torch.testing.assert_close(mine.total_norm, normal.clip_().total_norm, rtol=1e-6, atol=0)
+        for a, b in zip(ours.parameters(), theirs.parameters()):
+            torch.testing.assert_close(a.grad, b.grad, rtol=1e-6, atol=0)
+        norms.append(mine.total_norm.item().hex())
+    partials = overlapped.backward_partials
+    return norms, (partials.steps_used, partials.steps_unproven, warned)
+
+
+def _manual_data_parallel(form):
+    rank, world = dist.get_rank(), dist.get_world_size()
+
+    def backward_step(model, step):
+        loss = (model(batch(rank, seed=step)) ** 2).mean()
+        (loss / world if form.endswith("loss / world") else loss).backward()
+        _average_gradients(model, form)
+
+    return _clip_both_ways((build(), build()), lambda m: named_param_grads(m.named_parameters()), backward_step)
+
+
+@pytest.mark.parametrize(
+    "form", ["all_reduce(p.grad), loss / world", "all_reduce(p.grad), p.grad /= world", "p.grad.data"]
+)
+def test_gradients_averaged_by_the_user_after_backward_take_the_normal_pass(ranks, form):
+    per_rank = ranks(2).run(_manual_data_parallel, form)
+    assert per_rank[0][0] == per_rank[1][0]
+    # Plain gradients copied on the other rank: no hook of distclip's sees them final.  Every
+    # step takes the normal pass, and the first one says why.
+    assert all(paths == (0, 3, 1) for _, paths in per_rank), per_rank
+
+
+class _Stage(nn.Module):
+    """A pipeline stage of a model whose first and last stage share a tied embedding
+    (Megatron's): stage 0 looks tokens up in ``tied``, stage 1 projects onto it."""
+
+    def __init__(self, stage: int) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.tied = nn.Parameter(torch.randn(10, 8))
+        torch.manual_seed(1 + stage)
+        self.own = nn.Linear(8, 8)
+        self.stage = stage
+
+    def forward(self, step: int) -> torch.Tensor:
+        generator = torch.Generator().manual_seed(step)
+        if self.stage == 0:
+            return self.own(nn.functional.embedding(torch.randint(10, (6,), generator=generator), self.tied))
+        return nn.functional.linear(torch.tanh(self.own(torch.randn(6, 8, generator=generator))), self.tied)
+
+
+def _tied_embedding():
+    stage = dist.get_rank()
+    embedding_group = dist.new_group([0, 1])  # Megatron's embedding group: the first and last stage
+
+    def backward_step(model, step):
+        (model(step) ** 2).mean().backward()
+        dist.all_reduce(model.tied.grad, group=embedding_group)  # the tied gradients summed
+
+    def named(model):  # the stages' own parameters are different tensors: different names
+        return [(name if name == "tied" else f"stage{stage}.{name}", p.grad) for name, p in model.named_parameters()]
+
+    def copy_groups(model):
+        return {"replica_group": lambda p: embedding_group if p is model.tied else None}
+
+    return _clip_both_ways((_Stage(stage), _Stage(stage)), named, backward_step, copy_groups)
+
+
+def test_a_tied_embedding_summed_by_the_user_after_backward_takes_the_normal_pass(ranks):
+    per_rank = ranks(2).run(_tied_embedding)
+    assert per_rank[0][0] == per_rank[1][0]
+    assert all(paths == (0, 3, 1) for _, paths in per_rank), per_rank
+
+
+def _replicas_final_at_backward(overlap):
+    """Plain gradients copied on both ranks and final when backward writes them: every rank
+    computes the same batch (as a tensor-parallel LayerNorm sees the same input on every tp
+    rank) and no collective follows."""
+
+    def backward_step(model, step):
+        backward(model, batch(0, seed=step))
+
+    models = (build(), build())
+    return _clip_both_ways(models, lambda m: named_param_grads(m.named_parameters()), backward_step, overlap=overlap)
+
+
+@pytest.mark.parametrize("overlap,paths", [(True, (0, 3, 1)), ("assume_final", (2, 0, 0))])
+def test_assume_final_takes_copied_gradients_during_backward_on_the_users_word(ranks, overlap, paths):
+    per_rank = ranks(2).run(_replicas_final_at_backward, overlap)
+    assert per_rank[0][0] == per_rank[1][0]
+    assert all(taken == paths for _, taken in per_rank), per_rank
+
+
+@pytest.mark.parametrize("overlap", ["yes", "trust", 1.0, None])
+def test_an_unknown_overlap_setting_is_refused_naming_the_allowed_ones(overlap):
+    with pytest.raises(ValueError, match=r"overlap must be False, True or 'assume_final', got"):
+        distclip.GradClipper(build(), overlap=overlap)
+
+
+def _pipeline_stages_without_copies():
+    stage = dist.get_rank()
+
+    def backward_step(model, step):
+        (model(step) ** 2).mean().backward()
+
+    def named(model):  # untied: every parameter is its stage's own
+        return [(f"stage{stage}.{name}", p.grad) for name, p in model.named_parameters()]
+
+    return _clip_both_ways((_Stage(stage), _Stage(stage)), named, backward_step, lambda m: {"replica_group": lambda p: None})
+
+
+def test_pipeline_stages_whose_gradients_have_no_copies_take_their_partials_during_backward(ranks):
+    # Each rank alone in every copy group: no collective over copies can come after backward.
+    per_rank = ranks(2).run(_pipeline_stages_without_copies)
+    assert all(paths == (2, 0, 0) for _, paths in per_rank), per_rank
