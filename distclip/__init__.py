@@ -8,6 +8,7 @@ from distclip.clip_grad import clip_grad_norm_, clip_grads_with_norm_, get_total
 from distclip.clipper import GradClipper
 from distclip.decision import ClipResult
 from distclip.explain import Explanation, GradientExplanation, explain
+from distclip.metrics import Max, Mean, Min, Sum
 from distclip.policies import AutoClip, SpikeSkip, ZClip
 
 __all__ = [
@@ -16,7 +17,11 @@ __all__ = [
     "Explanation",
     "GradClipper",
     "GradientExplanation",
+    "Max",
+    "Mean",
+    "Min",
     "SpikeSkip",
+    "Sum",
     "ZClip",
     "clip_grad_norm_",
     "clip_grads_with_norm_",

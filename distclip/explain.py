@@ -21,6 +21,9 @@ from distclip.ownership import OwnershipError, local_tensor, plan_ownership
 from distclip.topology import GroupLike, ReplicaGroupLike, resolve_topology
 
 
+OUTSIDE_MESH = "this rank is not in the gradient's mesh: it holds none of it"
+
+
 @dataclass(frozen=True)
 class GradientExplanation:
     """One gradient as distclip sees it on this rank.
@@ -28,7 +31,9 @@ class GradientExplanation:
     ``copies`` are the ranks (this one included) assumed to hold a bitwise copy of the local
     tensor, empty when ``problem`` says why it could not be attributed; ``counted`` is how many
     of its ``local_numel`` elements this rank counts (FSDP1 padding is never counted), and
-    ``counted_ranges`` which: ``(start, stop)`` ranges of the flattened local tensor.
+    ``counted_ranges`` which: ``(start, stop)`` ranges of the flattened local tensor.  ``note``
+    says why a rank counts nothing of a gradient where that is expected (a DTensor whose mesh
+    leaves out this rank).
     """
 
     name: str
@@ -40,6 +45,7 @@ class GradientExplanation:
     local_numel: int
     problem: str | None = None
     counted_ranges: tuple[tuple[int, int], ...] = ()
+    note: str | None = None
 
     @property
     def layout(self) -> str:
@@ -71,7 +77,9 @@ class Explanation(list):
                 str(tuple(row.local_shape)),
                 row.layout,
                 ",".join(map(str, row.copies)) or "-",
-                f"{row.counted} of {row.local_numel}" + (f"  PROBLEM: {row.problem}" if row.problem else ""),
+                f"{row.counted} of {row.local_numel}"
+                + (f"  PROBLEM: {row.problem}" if row.problem else "")
+                + (f"  ({row.note})" if row.note else ""),
             )
             for row in self
         ]
@@ -119,11 +127,12 @@ def explain(
                 local_shape=tuple(local.shape),
                 mesh=grad.device_mesh if isinstance(grad, DTensor) else None,
                 placements=tuple(grad.placements) if isinstance(grad, DTensor) else None,
-                copies=() if failed else attribution.copies,
+                copies=() if failed or attribution.outside_mesh else attribution.copies,
                 counted=sum(stop - start for start, stop in counted_ranges[index]),
                 local_numel=local.numel(),
                 problem=f"{attribution.problem.value} ({attribution.detail})" if failed else None,
                 counted_ranges=tuple(counted_ranges[index]),
+                note=OUTSIDE_MESH if not failed and attribution.outside_mesh else None,
             )
         )
     return Explanation(topology.rank, rows)

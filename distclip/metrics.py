@@ -119,12 +119,13 @@ def encode(
                 value = metric.value.detach().to(device=device, dtype=torch.float64).reshape(1)
                 parts.append(torch.cat([value, torch.ones(1, dtype=torch.float64, device=device)]))
             continue
-        row = torch.zeros(ranks, dtype=torch.float64, device=device)
         if metric is None or metric.kind != kind:
-            row[position] = _ABSENT[kind]
+            value = torch.full((), _ABSENT[kind], dtype=torch.float64, device=device)
         else:
-            row[position : position + 1] = metric.value.detach().to(device=device, dtype=torch.float64).reshape(1)
-        parts.append(row)
+            value = metric.value.detach().to(device=device, dtype=torch.float64)
+        # This rank's entry of the row, the others 0 (no index made from host values: no copy).
+        mine = torch.arange(ranks, device=device) == position
+        parts.append(torch.where(mine, value, torch.zeros((), dtype=torch.float64, device=device)))
     if not parts:
         return torch.zeros(0, dtype=torch.float64, device=device)
     return torch.cat(parts)

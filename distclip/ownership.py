@@ -194,10 +194,13 @@ class Attribution:
     ``copies``: the sorted ranks (this one included) holding a bitwise copy of it.
     ``ranges``: the ``(start, stop)`` ranges of its flattened elements that are model elements;
     None means all of them (FSDP1 flat gradients also hold alignment and tail padding).
+    ``outside_mesh``: a DTensor whose mesh does not hold this rank, so that this rank holds
+    none of it (its local tensor is empty) and counts nothing of it.
     """
 
     copies: tuple[int, ...]
     ranges: tuple[tuple[int, int], ...] | None = None
+    outside_mesh: bool = False
 
 
 def attribute(grad: Tensor, topology: Topology) -> Attribution:
@@ -205,6 +208,8 @@ def attribute(grad: Tensor, topology: Topology) -> Attribution:
     if local_tensor(grad).layout != torch.strided:
         raise OwnershipError(Problem.NOT_DENSE, f"layout {local_tensor(grad).layout}")
     if isinstance(grad, DTensor):
+        if grad.device_mesh.get_coordinate() is None:  # the mesh leaves out this rank: nothing here
+            return Attribution((topology.rank,), ((0, 0),), outside_mesh=True)
         return Attribution(_dtensor_copy_set(grad.device_mesh, tuple(grad.placements), topology))
     return Attribution(topology.replica_ranks)
 

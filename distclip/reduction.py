@@ -115,6 +115,7 @@ class _Pending:
     exception this rank raised in it."""
 
     flags: NextCall = field(default_factory=NextCall)
+    local: dict[Problem, str] = field(default_factory=dict)
     raised: BaseException | None = None
 
 
@@ -174,7 +175,7 @@ def all_reduce_contributions(contribution: Contribution, pnorm: PNorm, topology:
 
     problems = None
     pending = _PENDING.setdefault(topology.process_group, _Pending())
-    pending.raised = c.raised
+    pending.local, pending.raised = c.problems, c.raised
     if read_now(device):
         problems = _problems_read_on_host(problem_flags, differ, layouts_differ)
     else:  # read at the next call: reading now would make this step wait for the device
@@ -273,7 +274,7 @@ def raise_pending(topology: Topology) -> None:
     if not flags or not any(flags):
         return
     problems = [p for p, flag in zip(LOCAL_PROBLEMS + list(FOUND_BY_REDUCTION), flags) if flag != 0]
-    _raise(problems, {}, pending.raised, topology, everyone_knows=True, deferred=True)
+    _raise(problems, pending.local, pending.raised, topology, everyone_knows=True, deferred=True)
 
 
 def _raise(
@@ -284,31 +285,29 @@ def _raise(
     everyone_knows: bool,
     deferred: bool = False,
 ) -> NoReturn:
+    """One error on every rank: the exception the lowest rank raised while planning, or a
+    ValueError naming every problem (with this rank's details where it found one itself).  The
+    exceptions are exchanged only where every rank knows one was raised (a gather, on this error
+    path only); otherwise this rank raises with its own."""
     when = " (found in the previous distclip reduction over this group)" if deferred else ""
+    reports = [(topology.rank, {p.name: d for p, d in local.items()}, _portable(raised))]
+    if Problem.RAISED in problems and everyone_knows and topology.communicates:
+        reports = list(zip(topology.group_ranks, *zip(*all_gather_objects(reports[0][1:], topology))))
     if Problem.RAISED in problems:
-        _raise_everywhere(raised, topology, everyone_knows, when)
+        rank, error = next(((r, e) for r, _, e in reports if e is not None), (topology.rank, raised))
+        if raised is not None and rank == topology.rank:
+            error = raised  # this rank's own, with its traceback
+        error.add_note(f"distclip: raised on rank {rank} while planning the clip{when}; every rank of the group raises it")
+        raise error
     lines = []
     for problem in problems:
         if problem in FOUND_BY_REDUCTION:
             lines.append(f"{problem.value} (found by the checks in the reduction)")
             continue
-        detail = local.get(problem, "reported by another rank of the group")
+        found = [(r, details[problem.name]) for r, details, _ in reports if problem.name in details]
+        detail = f"rank {found[0][0]}: {found[0][1]}" if found else "found by another rank of the group"
         lines.append(f"{problem.value} ({detail})")
     raise ValueError("distclip: " + "; ".join(lines) + when + ". No gradient was modified.")
-
-
-def _raise_everywhere(raised: BaseException | None, topology: Topology, everyone_knows: bool, when: str) -> NoReturn:
-    """Raise the exception of the lowest rank that raised one while planning, on every rank:
-    each rank's own, sent to the others (a gather, on this error path only)."""
-    if not everyone_knows:
-        assert raised is not None  # only the rank that raised knows here
-        raise raised
-    everyone = all_gather_objects(_portable(raised), topology)
-    rank, error = next((r, e) for r, e in zip(topology.group_ranks, everyone) if e is not None)
-    if raised is not None and topology.rank == rank:
-        error = raised
-    error.add_note(f"distclip: raised on rank {rank} while planning the clip{when}; every rank of the group raises it")
-    raise error
 
 
 def _portable(raised: BaseException | None) -> BaseException | None:

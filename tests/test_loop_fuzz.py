@@ -165,7 +165,7 @@ def _step(loop: dict, seed: int, use_optimizer: bool, none_mask: int, strided_ma
             continue
         if none_mask >> bit & 1:
             a.grad = b.grad = None
-        elif strided_mask >> bit & 1 and loop["kind"] == "local":
+        elif strided_mask >> bit & 1 and loop["kind"] != "fsdp2":
             for p in (a, b):  # the same values, now every other element of a larger buffer
                 buffer = torch.zeros((2 * p.grad.numel(),), dtype=p.grad.dtype)
                 buffer[::2] = p.grad.flatten()
