@@ -76,6 +76,11 @@ class GradClipper:
             and an attached optimizer's step is a no-op).
         foreach: as in torch.
         history: how many past total norms to keep (in ``state_dict``).
+        divide_by: the name of a metric (:mod:`distclip.metrics`) whose reduced value the
+            gradients are divided by before clipping, folded into the coefficient (no extra pass):
+            for gradients of a summed loss, e.g. a token-weighted loss whose token count
+            ``clip_(metrics={"tokens": distclip.Sum(n)})`` reduces in the same all-reduce.  The
+            norms are of the divided gradients.
         overlap: True: take each gradient's partial during backward, as soon as it is final,
             where distclip can prove it final (:mod:`distclip.overlap`: FSDP2, DDP with
             ``gradient_as_bucket_view=True``, gradients with no copy on another rank; otherwise the
@@ -98,9 +103,13 @@ class GradClipper:
         foreach: bool | None = None,
         history: int = 1000,
         overlap: bool | str = False,
+        divide_by: str | None = None,
     ) -> None:
         overlap = check_overlap(overlap)
         self.nonfinite = check_nonfinite_policy(nonfinite)
+        if divide_by is not None and not isinstance(divide_by, str):
+            raise ValueError(f"distclip: divide_by must be the name of a metric, got {divide_by!r}")
+        self.divide_by = divide_by
         self.policy = max_norm if isinstance(max_norm, ThresholdPolicy) else None
         self.max_norm = max_norm if self.policy is not None else check_max_norm(max_norm)
         if skip_spikes is not None and not isinstance(skip_spikes, SpikeSkip):
@@ -253,8 +262,12 @@ class GradClipper:
         reduced = reduce_and_raise(contribution, self.pnorm, self.topology)
         self._relayout.put(reduced.relayout.reshape(1))
         norms = reduced.norms
+        metric_values = decode(reduced.extra[2:], layout_now.metrics, ranks)
+        divisor = self._divisor(metric_values, norms.device)
         if loss_scale is not None:
             norms = norms / loss_scale.to(norms.device, torch.float64)
+        if divisor is not None:
+            norms = norms / divisor
         norms = norms.to(device=plan.out_device, dtype=plan.out_dtype)
         result = decide(
             norms,
@@ -266,11 +279,21 @@ class GradClipper:
             locate=lambda: nonfinite_location.describe(self.nonfinite_report()),
             step=self.steps,
             tolerated=tolerated,
+            divisor=divisor,
         )
         result.group_names, result.own_groups = layout_now.groups, self._own_groups
-        result.metrics = decode(reduced.extra[2:], layout_now.metrics, ranks)
+        result.metrics = metric_values
         self._record(result)
         return result, plan, local
+
+    def _divisor(self, metrics: dict[str, Tensor], device: torch.device) -> Tensor | None:
+        """The reduced metric the gradients are divided by (``divide_by``), NaN when no rank
+        passed it this step (the norm is then NaN: the non-finite policy applies)."""
+        if self.divide_by is None:
+            return None
+        if self.divide_by in metrics:
+            return metrics[self.divide_by].to(device)
+        return torch.full((), float("nan"), dtype=torch.float64, device=device)
 
     def _record(self, result: ClipResult) -> None:
         # The counters follow the norm to its device: adding a GPU value into a CPU counter

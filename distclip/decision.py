@@ -12,7 +12,10 @@ The rule, in order, from the global pre-clip norm ``g`` and the global loss:
 3. The threshold is ``max_norm`` or a threshold policy's value (:mod:`distclip.policies`); a
    skipped step enters no policy's state.
 4. The coefficient is torch's, ``min(threshold / (g + 1e-6), 1)``, and exactly 1 (gradients left
-   as they are) when the step is skipped or a rank reported a problem (``invalid``).
+   as they are) when the step is skipped or a rank reported a problem (``invalid``).  Gradients
+   that hold sums to be divided by a reduced metric (``GradClipper(divide_by=...)``: a
+   token-weighted loss) have ``g`` of the divided gradients, and the coefficient includes the
+   division.
 
 Everything stays on the device as 0-dim tensors: no host sync but rule 1's ``"error"``.
 """
@@ -90,6 +93,7 @@ def decide(
     locate: Callable[[], str],
     step: int,
     tolerated: Tensor | None = None,
+    divisor: Tensor | None = None,
 ) -> ClipResult:
     """The step's :class:`ClipResult` from the reduction's outcome.
 
@@ -97,7 +101,9 @@ def decide(
     reported a problem; ``loss_sums``: ``[sum of the losses passed, how many ranks passed one]``
     (float64); ``locate``: describes where the NaN/inf gradients are (a collective: every rank
     calls it, which they do together since the norm they read is the same); ``tolerated``: a
-    0-dim tensor, nonzero when the optimizer skips this step anyway (GradScaler's ``found_inf``).
+    0-dim tensor, nonzero when the optimizer skips this step anyway (GradScaler's ``found_inf``);
+    ``divisor``: what the gradients are divided by (``GradClipper(divide_by=...)``; ``norms``
+    are already of the divided gradients), folded into the coefficient.
     """
     total = norms[0]
     nonfinite_now = total.isnan() | total.isinf()
@@ -118,4 +124,6 @@ def decide(
     else:
         threshold = max_norm.step(norm, ~skipped).to(total.dtype)
         coef = clip_coefficient(threshold, total, keep=invalid | skipped)
+    if divisor is not None:  # a step left as it is is not divided either
+        coef = torch.where(invalid | skipped, coef, coef / divisor.to(coef.device, coef.dtype))
     return ClipResult(total, coef, nonfinite_now, threshold, skipped, global_loss.to(total.dtype), norms)

@@ -82,3 +82,36 @@ def test_a_metric_must_be_a_sum_mean_max_or_min():
     model = build()
     with pytest.raises(ValueError, match="Sum/Mean/Max/Min"):
         distclip.GradClipper(model).clip_(metrics={"tokens": torch.tensor(3.0)})
+
+
+def _token_weighted(fused):
+    """Ranks hold different numbers of tokens; each backpropagates its summed token loss
+    (times the world, since DDP averages), and the clipper divides by the global token count,
+    reduced in its own all-reduce: the gradients, the norm and the step are those of the global
+    token-mean loss (a twin computes it from every rank's tokens, with torch's clip)."""
+    rank, world = dist.get_rank(), dist.get_world_size()
+    tokens = [torch.randn(3 + 4 * r, 16, generator=torch.Generator().manual_seed(r)) for r in range(world)]
+    ours = DDP(build())
+    theirs = build()
+    optimizers = [torch.optim.AdamW(m.parameters(), lr=0.01, fused=fused) for m in (ours, theirs)]
+    clipper = distclip.GradClipper(ours, max_norm=0.05, divide_by="tokens")
+    clipper.attach(optimizers[0])
+    for _ in range(2):
+        for opt in optimizers:
+            opt.zero_grad(set_to_none=True)
+        (ours(tokens[rank]).square().sum() * world).backward()
+        clipper.observe_loss(None, metrics={"tokens": distclip.Sum(torch.tensor(float(len(tokens[rank]))))})
+        optimizers[0].step()
+        everything = torch.cat(tokens)
+        (theirs(everything).square().sum() / len(everything)).backward()
+        expected = torch.nn.utils.clip_grad_norm_(theirs.parameters(), 0.05)
+        optimizers[1].step()
+        assert clipper.last.total_norm.item() == pytest.approx(expected.item(), rel=1e-5)
+        assert clipper.last.metrics["tokens"].item() == len(everything)
+    for a, b in zip(ours.module.parameters(), theirs.parameters()):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("fused", [False, True], ids=["foreach", "fused"])
+def test_a_token_weighted_loss_divides_by_the_global_token_count_from_the_same_all_reduce(ranks, fused):
+    ranks(2).run(_token_weighted, fused)
