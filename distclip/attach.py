@@ -33,6 +33,8 @@ import torch
 from torch import Tensor
 from torch.distributed.tensor import DTensor
 
+from distclip.torch_internals import takes_grad_scale
+
 _MISSING = object()
 
 
@@ -42,11 +44,6 @@ def discard_grads_(optimizer: torch.optim.Optimizer) -> None:
     for group in optimizer.param_groups:
         for p in group["params"]:
             p.grad = None
-
-
-def takes_grad_scale(optimizer: torch.optim.Optimizer) -> bool:
-    """Whether ``optimizer``'s step applies GradScaler's ``grad_scale``/``found_inf`` itself."""
-    return bool(getattr(optimizer, "_step_supports_amp_scaling", False))
 
 
 class FusedCheck:

@@ -36,6 +36,7 @@ from torch.nn.parallel import DistributedDataParallel
 from distclip import fsdp1
 from distclip.ownership import Attribution, OwnershipError
 from distclip.topology import Topology
+from distclip.torch_internals import LOCAL_TENSOR
 
 TensorOrTensors = Union[Tensor, Iterable[Tensor], nn.Module]
 
@@ -217,7 +218,7 @@ class Parameters:
 
 
 def _local(grad: Tensor) -> Tensor:
-    return grad._local_tensor if isinstance(grad, DTensor) else grad
+    return LOCAL_TENSOR(grad) if isinstance(grad, DTensor) else grad
 
 
 def collect(tensors: TensorOrTensors, topology: Topology, what: str = "parameters") -> Gradients:

@@ -59,6 +59,7 @@ from torch.nn.parallel import DistributedDataParallel
 
 from distclip.partials import PNorm
 from distclip.plan import NormPlan
+from distclip.torch_internals import LOCAL_TENSOR, storage_owner, version
 
 ASSUME_FINAL = "assume_final"
 
@@ -152,12 +153,12 @@ class BackwardPartials:
         plan, grad_index = self._plan, self._grad_index_of_param.get(id(param))
         if not self._taking or grad_index is None:
             return
-        local = grad._local_tensor if isinstance(grad, DTensor) else grad
+        local = LOCAL_TENSOR(grad) if isinstance(grad, DTensor) else grad
         if grad_index not in plan.owned_ranges:
             self._records.pop(id(param), None)  # nothing owned: its partial is the identity
             return
         value = plan.gradient_partial(grad_index, local, self.pnorm, self.foreach, wide=self.wide)
-        self._records[id(param)] = (plan, _storage_owner(local), local.data_ptr(), local._version, value)
+        self._records[id(param)] = (plan, storage_owner(local), local.data_ptr(), version(local), value)
 
     def use_plan(self, plan: NormPlan, params_of_grads: Sequence[Tensor]) -> None:
         """The plan (and the parameter each of its gradients belongs to) for the next backward."""
@@ -192,9 +193,9 @@ class BackwardPartials:
             if (
                 record is None
                 or record[0] is not plan
-                or _storage_owner(tensor) is not record[1]
+                or storage_owner(tensor) is not record[1]
                 or tensor.data_ptr() != record[2]
-                or tensor._version != record[3]
+                or version(tensor) != record[3]
             ):
                 stale += 1
                 continue
@@ -249,9 +250,3 @@ class BackwardPartials:
         """A new norm type (a clipper's restored state): partials taken so far no longer apply."""
         self.pnorm = pnorm
         self._records = {}
-
-
-def _storage_owner(tensor: Tensor) -> Tensor:
-    """The tensor whose storage ``tensor`` is (its base, for a view).  Held by the record, so the
-    memory cannot be freed and reused by another tensor while the record stands."""
-    return tensor._base if tensor._base is not None else tensor

@@ -44,14 +44,7 @@ from torch.distributed.tensor.placement_types import Placement
 from distclip.copygroups import check_copy_group, tensor_topology
 from distclip.problems import OwnershipError, Problem
 from distclip.topology import Topology
-
-
-def _root_mesh(mesh: DeviceMesh) -> DeviceMesh:
-    if hasattr(mesh, "_get_root_mesh"):  # torch >= 2.9
-        return mesh._get_root_mesh()
-    from torch.distributed.device_mesh import _mesh_resources
-
-    return _mesh_resources.get_root_mesh(mesh)
+from distclip.torch_internals import mesh_layout, root_mesh
 
 
 def _parallel_slices(mesh_ranks: list[int], rank_space: list[int]) -> list[list[int]]:
@@ -151,14 +144,14 @@ def _mesh_key(mesh: DeviceMesh) -> object:
     """What tells ``mesh`` apart among the meshes of its root: its layout there.  Not the mesh
     itself: FSDP2 gives every parameter a mesh object of its own, and comparing two equal meshes
     compares their rank maps, a cost in the world size for every gradient."""
-    layout = getattr(mesh, "_layout", None)  # torch >= 2.9; older ones compare the mesh
+    layout = mesh_layout(mesh)  # None on older torch: then compare the mesh
     return mesh if layout is None else (layout, mesh.mesh_dim_names)
 
 
 def _dtensor_copy_set(
     mesh: DeviceMesh, placements: tuple[Placement, ...], topology: Topology
 ) -> tuple[int, ...]:
-    cached = _copy_sets_of(_root_mesh(mesh))
+    cached = _copy_sets_of(root_mesh(mesh))
     key = (_mesh_key(mesh), placements, topology)
     if key not in cached:
         cached[key] = _compute_dtensor_copy_set(mesh, placements, topology)
@@ -182,7 +175,7 @@ def _compute_dtensor_copy_set(
         rank_space = mesh_ranks  # no copies outside the mesh: no sibling slices to line up
     else:
         # Sibling slices line up through the root mesh, or, for a standalone mesh, through `group`.
-        root_ranks = _root_mesh(mesh).mesh.flatten().tolist()
+        root_ranks = root_mesh(mesh).mesh.flatten().tolist()
         rank_space = root_ranks if replicas <= set(root_ranks) else list(topology.group_ranks)
     return shard_copy_set(mesh_ranks, positions.flatten().tolist(), rank_space, topology)
 

@@ -28,8 +28,9 @@ from typing import Sequence
 import torch
 import torch.distributed as dist
 from torch import Tensor
-from torch._utils import _flatten_dense_tensors, _unflatten_dense_tensors
 from torch.distributed.tensor import DTensor, Replicate
+
+from distclip.torch_internals import LOCAL_TENSOR, flatten_dense_tensors, unflatten_dense_tensors
 
 
 def _partial_dims(grad: Tensor) -> tuple[int, ...]:
@@ -55,17 +56,17 @@ def reduce_partial_gradients_(grads: list[Tensor], params: Sequence[Tensor]) -> 
     for index, (grad, param) in enumerate(zip(grads, params)):
         if reducible(grad, param):
             key = (id(grad.device_mesh), _partial_dims(grad), grad.placements[_partial_dims(grad)[0]].reduce_op,
-                   grad._local_tensor.dtype, grad._local_tensor.device)
+                   LOCAL_TENSOR(grad).dtype, LOCAL_TENSOR(grad).device)
             batches.setdefault(key, []).append(index)
     for (_, dims, op, _, _), indices in batches.items():
         mesh = grads[indices[0]].device_mesh
-        locals_ = [grads[i]._local_tensor for i in indices]
-        flat = _flatten_dense_tensors(locals_)
+        locals_ = [LOCAL_TENSOR(grads[i]) for i in indices]
+        flat = flatten_dense_tensors(locals_)
         for dim in dims:
             dist.all_reduce(flat, op=dist.ReduceOp.SUM, group=mesh.get_group(dim))
             if op == "avg":
                 flat.div_(mesh.size(dim))
-        for i, local, reduced in zip(indices, locals_, _unflatten_dense_tensors(flat, locals_)):
+        for i, local, reduced in zip(indices, locals_, unflatten_dense_tensors(flat, locals_)):
             with torch.no_grad():
                 local.copy_(reduced)
             param = params[i]

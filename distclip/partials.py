@@ -21,7 +21,7 @@ from typing import Sequence, Union
 
 import torch
 from torch import Tensor
-from torch.utils._foreach_utils import _device_has_foreach_support, _has_foreach_support
+from distclip.torch_internals import device_has_foreach_support, has_foreach_support
 
 
 @dataclass(frozen=True)
@@ -99,8 +99,8 @@ def use_foreach(
     depends on their types and device only, and it is a Python loop over them).
     """
     if foreach is None:
-        return _has_foreach_support(tensors, device) if supported is None else supported
-    if foreach and not _device_has_foreach_support(device):
+        return has_foreach_support(tensors, device) if supported is None else supported
+    if foreach and not device_has_foreach_support(device):
         raise RuntimeError(
             f"foreach=True was passed, but can't use the foreach API on {device.type} tensors"
         )

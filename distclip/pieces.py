@@ -35,9 +35,9 @@ from typing import Iterable, Sequence
 
 import torch
 from torch import Tensor
-from torch._utils import _flatten_dense_tensors
 
 from distclip.partials import PNorm, use_foreach
+from distclip.torch_internals import flatten_dense_tensors
 
 ROW = 1 << 12
 BLOCK = 1 << 21
@@ -125,7 +125,7 @@ def piece_tensors(pieces: Pieces, units: Sequence[Tensor]) -> tuple[list[Tensor]
         return tensor.as_strided(shape, strides, tensor.storage_offset() + start * step)
 
     whole = [units[u] if is_whole else view(u, start, (stop - start,)) for u, start, stop, is_whole in pieces.whole]
-    whole += [_flatten_dense_tensors([units[u] for u in pack]) for pack in pieces.packs]
+    whole += [flatten_dense_tensors([units[u] for u in pack]) for pack in pieces.packs]
     blocks = [view(u, start, (rows, ROW)) for u, start, rows in pieces.blocks]
     return whole, blocks
 

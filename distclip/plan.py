@@ -24,8 +24,8 @@ from distclip.reduction import Contribution, reductions_over
 from distclip.scaling import scale_grouped_
 from distclip.spans import Runs, find_runs
 from distclip.topology import Topology, reduction_device
+from distclip.torch_internals import LOCAL_TENSOR, has_foreach_support
 from torch.distributed.tensor import DTensor
-from torch.utils._foreach_utils import _has_foreach_support
 
 
 @dataclass
@@ -104,7 +104,7 @@ class NormPlan:
             scale.setdefault((tensor.device, tensor.dtype), []).append(index)
         self.scale_groups = list(scale.values())
         self.scale_foreach_supported = [
-            _has_foreach_support([local[i] for i in indices], local[indices[0]].device) for indices in self.scale_groups
+            has_foreach_support([local[i] for i in indices], local[indices[0]].device) for indices in self.scale_groups
         ]
         # Empty gradients need no scaling, so runs leave them out.
         self.scale_runs = [
@@ -122,7 +122,7 @@ class NormPlan:
         keys = None if slot is None else [slot[i] for i, _, _ in segments]
         pieces = split_ranges(((i, start, stop, local[i].numel()) for i, start, stop in segments), device, keys)
         group_ids = None if slot is None else torch.tensor([slot[i] for i in pieces.value_units], device=device)
-        supported = _has_foreach_support([local[i] for i, _, _ in segments], device)
+        supported = has_foreach_support([local[i] for i, _, _ in segments], device)
         bucket = _Bucket(device, dtype, pieces, group_ids, supported)
         runs = find_runs(segments, local, keys)
         if runs is not None:
@@ -136,8 +136,8 @@ class NormPlan:
         return bucket
 
     def local_tensors(self, grads: Sequence[Tensor]) -> list[Tensor]:
-        # DTensor._local_tensor instead of to_local(): no autograd function per gradient.
-        return [g._local_tensor if d else g for g, d in zip(grads, self.is_dtensor)]
+        # The local tensor without to_local(): no autograd function per gradient.
+        return [LOCAL_TENSOR(g) if d else g for g, d in zip(grads, self.is_dtensor)]
 
     def _bucket_norms(
         self, bucket: _Bucket, local: Sequence[Tensor], pnorm: PNorm, foreach: bool | None, wide: bool

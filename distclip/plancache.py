@@ -45,19 +45,17 @@ from typing import Hashable, Mapping, Sequence
 from torch import Tensor
 from torch.distributed.device_mesh import DeviceMesh
 from torch.distributed.tensor import DTensor
-from torch.distributed.tensor._dtensor_spec import DTensorSpec
 
 from distclip.ownership import Attribution, OwnershipError
 from distclip.plan import NormPlan
 from distclip.topology import Topology, current_accelerator
+from distclip.torch_internals import LOCAL_TENSOR, SPEC, DTensorSpec
 
 # Enough for a few models (or a model and its EMA copy) clipped alternately.
 MAX_PLANS = 16
 
 _dtype = operator.attrgetter("dtype")
 _device = operator.attrgetter("device")
-_spec = operator.attrgetter("_spec")
-_local = operator.attrgetter("_local_tensor")
 
 
 class PlanCache:
@@ -152,8 +150,8 @@ def _specs_key(
     without ``fixed``)."""
     if not grads or known or (topology.replica_of is not None and fixed is None) or set(map(type, grads)) != {DTensor}:
         return None
-    specs = list(map(_spec, grads))
-    local = list(map(_local, grads))
+    specs = list(map(SPEC, grads))
+    local = list(map(LOCAL_TENSOR, grads))
     key = (
         topology,
         current_accelerator(),
@@ -222,6 +220,6 @@ def _tensor_layout(grad: Tensor) -> tuple:
 
 def _dtensor_layout(grad: DTensor, meshes: dict[int, DeviceMesh]) -> tuple:
     # Through the spec and the local tensor: DTensor's own numel()/dim() dispatch in Python.
-    spec, local = grad._spec, grad._local_tensor
+    spec, local = SPEC(grad), LOCAL_TENSOR(grad)
     meshes[id(spec.mesh)] = spec.mesh
     return (id(spec.mesh), spec.placements, spec.shape, local.numel(), local.dim(), local.dtype, local.device, type(local))

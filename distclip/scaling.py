@@ -7,9 +7,9 @@ from typing import Sequence
 
 import torch
 from torch import Tensor
-from torch.utils._foreach_utils import _group_tensors_by_device_and_dtype
 
 from distclip.partials import use_foreach
+from distclip.torch_internals import group_tensors_by_device_and_dtype
 
 
 def check_max_norm(max_norm: float) -> float:
@@ -54,5 +54,5 @@ def scale_grouped_(
 
 def scale_(tensors: Sequence[Tensor], coefficient: Tensor, foreach: bool | None = None) -> None:
     """Multiply every tensor in place by the 0-dim ``coefficient`` (see :func:`scale_grouped_`)."""
-    grouped = _group_tensors_by_device_and_dtype([list(tensors)])
+    grouped = group_tensors_by_device_and_dtype([list(tensors)])
     scale_grouped_([device_tensors for [device_tensors], _ in grouped.values()], coefficient, foreach)
