@@ -25,6 +25,7 @@ Rules common to all of them:
 from __future__ import annotations
 
 import math
+import warnings
 
 import torch
 from torch import Tensor
@@ -181,7 +182,7 @@ class ZClip:
                 "ready": bool(self.ready), "warmup": self._warmup.state_dict()}
 
     def load_state_dict(self, state: dict) -> None:
-        _check_config(self.config(), state)
+        _check_config(self.config(), state, shaped_by=("warmup_steps",))
         device = self.mean.device
         self.mean = torch.tensor(float(state["mean"]), dtype=torch.float64, device=device)
         self.var = torch.tensor(float(state["var"]), dtype=torch.float64, device=device)
@@ -233,7 +234,7 @@ class AutoClip:
         return {"config": self.config(), "history": self._history.state_dict()}
 
     def load_state_dict(self, state: dict) -> None:
-        _check_config(self.config(), state)
+        _check_config(self.config(), state, shaped_by=("window",))
         self._history.load_state_dict(state["history"])
 
 
@@ -309,7 +310,7 @@ class SpikeSkip:
         saved = state.get("config")
         if isinstance(saved, dict) and "burst" not in saved:
             saved = {**saved, "burst": self.burst}
-        _check_config(self.config(), {**state, "config": saved})
+        _check_config(self.config(), {**state, "config": saved}, shaped_by=("window",))
         self._norms.load_state_dict(state["norms"])
         self._losses.load_state_dict(state["losses"])
         self._run = torch.tensor(int(state.get("run", 0)), dtype=torch.int64, device=self._run.device)
@@ -318,6 +319,22 @@ class SpikeSkip:
 ThresholdPolicy = ZClip | AutoClip
 
 
-def _check_config(config: dict, state: dict) -> None:
-    _require(state.get("config") == config,
-             f"the checkpoint was saved with {state.get('config')}, this clipper has {config}")
+def _check_config(config: dict, state: dict, shaped_by: tuple[str, ...]) -> None:
+    """A checkpoint restores state, not settings: parameters that differ from the checkpoint's
+    keep this policy's value (a warning names both); a state of another policy, or one whose
+    shape a parameter in ``shaped_by`` fixes (a window's size), cannot apply: ValueError."""
+    saved = state.get("config")
+    _require(isinstance(saved, dict) and saved.get("policy") == config["policy"],
+             f"the checkpoint's state is of {saved.get('policy') if isinstance(saved, dict) else saved!r}, "
+             f"this clipper has {config['policy']}: it cannot apply")
+    for name in shaped_by:
+        _require(saved.get(name) == config[name],
+                 f"the checkpoint's {config['policy']} has {name}={saved.get(name)!r}, this one {name}={config[name]!r}: "
+                 "its state cannot apply")
+    differing = {name: (saved.get(name), value) for name, value in config.items() if saved.get(name) != value}
+    if differing:
+        warnings.warn(
+            f"distclip: a checkpoint restores state, not settings; keeping this {config['policy']}'s "
+            + ", ".join(f"{name}={mine!r} (the checkpoint has {theirs!r})" for name, (theirs, mine) in differing.items()),
+            stacklevel=3,
+        )

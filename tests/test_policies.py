@@ -344,10 +344,23 @@ def test_a_spike_skip_state_saved_before_burst_existed_loads():
     assert _judge(loaded, norms[SHIFT_AT:]) == _judge(rule, norms[SHIFT_AT:]) == [0, 1]
 
 
-def test_loading_a_spike_skip_state_of_another_burst_raises():
+def test_loading_a_spike_skip_state_of_another_burst_keeps_this_burst_and_warns():
     saved = distclip.SpikeSkip(burst=3).state_dict()
-    with pytest.raises(ValueError, match="'burst': 3"):
-        distclip.SpikeSkip(burst=0).load_state_dict(saved)
+    loaded = distclip.SpikeSkip(burst=0)
+    with pytest.warns(UserWarning, match=r"burst=0 \(the checkpoint has 3\)"):
+        loaded.load_state_dict(saved)
+    assert loaded.burst == 0
+
+
+@pytest.mark.parametrize("saved_by,loaded_by,match", [
+    (lambda: distclip.SpikeSkip(window=8, min_history=4), lambda: distclip.SpikeSkip(window=16, min_history=4), "window=8.*window=16"),
+    (lambda: distclip.AutoClip(window=8, warmup_steps=4), lambda: distclip.AutoClip(window=16, warmup_steps=4), "window=8.*window=16"),
+    (lambda: distclip.ZClip(warmup_steps=4), lambda: distclip.ZClip(warmup_steps=5), "warmup_steps=4.*warmup_steps=5"),
+    (lambda: distclip.ZClip(), lambda: distclip.AutoClip(), "of 'ZClip', this clipper has AutoClip"),
+], ids=["spike-window", "autoclip-window", "zclip-warmup", "another-policy"])
+def test_a_policy_state_of_another_shape_cannot_apply(saved_by, loaded_by, match):
+    with pytest.raises(ValueError, match=match):
+        loaded_by().load_state_dict(saved_by().state_dict())
 
 
 # --------------------------------------------------------------------------- skipping a step
@@ -461,11 +474,12 @@ def test_resumed_run_makes_the_same_thresholds_and_skips(ranks, policy_name):
     assert skipped[0] == skipped[1] and any(skipped[0]), skipped
 
 
-def test_loading_a_checkpoint_of_another_policy_raises():
+def test_a_checkpoint_of_other_policy_parameters_keeps_this_clippers_and_warns():
     saved = distclip.GradClipper([torch.zeros(1, requires_grad=True)], max_norm=distclip.ZClip(alpha=0.9)).state_dict()
     other = distclip.GradClipper([torch.zeros(1, requires_grad=True)], max_norm=distclip.ZClip(alpha=0.8))
-    with pytest.raises(ValueError, match="alpha"):
+    with pytest.warns(UserWarning, match=r"alpha=0.8 \(the checkpoint has 0.9\)"):
         other.load_state_dict(saved)
+    assert other.policy.alpha == 0.8
     with pytest.raises(ValueError, match="threshold_policy"):
         distclip.GradClipper([torch.zeros(1, requires_grad=True)]).load_state_dict(saved)
 
