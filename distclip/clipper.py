@@ -32,7 +32,7 @@ from distclip.attach import FusedCheck, FusedStep, discard_grads_
 from distclip.decision import NONFINITE_POLICIES, ClipResult, check_nonfinite_policy, decide
 from distclip.deferred import NextCall
 from distclip.gradients import Gradients, Parameters
-from distclip.groups import GroupsSpec, check_groups, group_of_parameters
+from distclip.groups import Assignment, GroupsSpec, check_groups, group_of_holders
 from distclip.layout import Layout, agree
 from distclip.layout import checks as layout_checks
 from distclip.metrics import Metric, bad_value, decode, encode, names_of
@@ -126,7 +126,7 @@ class GradClipper:
         self._plans = PlanCache(PLANS_KEPT)
         self._plan: NormPlan | None = None
         self._assigned: tuple | None = None  # what the group assignment was made for
-        self._group_of_param: list[str | None] = []
+        self._group_of_holder: list[Assignment] = []
         self._own_groups: list[str] = []  # the groups of this rank's parameters, in their order
         self.layout: Layout | None = None  # the agreed names (distclip.layout); made at the first step
         self._relayout = NextCall()
@@ -163,8 +163,13 @@ class GradClipper:
         made_for = (self.source.version, optimizer_groups)
         if self._groups_spec is None or made_for == self._assigned:
             return
-        self._group_of_param = group_of_parameters(self._groups_spec, self.source, self._optimizer)
-        self._own_groups = list(dict.fromkeys(g for g in self._group_of_param if g is not None))
+        self._group_of_holder = group_of_holders(self._groups_spec, self.source, self._optimizer)
+        self._own_groups = list(dict.fromkeys(
+            name
+            for assigned in self._group_of_holder
+            for name in ([assigned] if not isinstance(assigned, tuple) else [name for _, _, name in assigned])
+            if name is not None
+        ))
         self._assigned = made_for
 
     def _agree_on_names(self, metric_names: list[tuple[str, str]]) -> None:
@@ -192,7 +197,7 @@ class GradClipper:
         group_of = None
         if self._groups_spec is not None:
             slot = self.layout.group_slot
-            group_of = [-1 if g is None else slot.get(g, -1) for g in self._group_of_param]
+            group_of = [_slots(assigned, slot) for assigned in self._group_of_holder]
             if gradients.presence is not True:
                 group_of = [g for g, present in zip(group_of, gradients.presence) if present]
         plan = cached_plan(
@@ -465,6 +470,13 @@ class GradClipper:
         self._skipped_steps.fill_(int(state.get("skipped_steps", 0)))
         self.history.clear()
         self.history.extend(torch.tensor(v) for v in state["history"])
+
+
+def _slots(assigned: Assignment, slot: dict[str, int]) -> int | tuple[tuple[int, int, int], ...]:
+    """A holder's group name(s) as slots of the agreed layout (-1: none, or not in it yet)."""
+    if isinstance(assigned, tuple):
+        return tuple((start, stop, -1 if name is None else slot.get(name, -1)) for start, stop, name in assigned)
+    return -1 if assigned is None else slot.get(assigned, -1)
 
 
 def _loss_terms(loss: Tensor | None, device: torch.device) -> tuple[Tensor, dict[Problem, str]]:

@@ -145,6 +145,9 @@ class ModuleGradients:
             managed |= managed_ids(flat_param)
         self.unmanaged = [p for p in module.parameters() if id(p) not in managed]
         self.unmanaged_ids = {id(p) for p in self.unmanaged}
+        # What the gradients come from, in the order they are collected: the units' flat
+        # parameters, then the parameters FSDP1 does not manage.
+        self.holders = self.flat_params + self.unmanaged
 
     def __call__(
         self, topology: Topology
@@ -176,6 +179,21 @@ class ModuleGradients:
             (clean(f"{name}.{FLAT_PARAM_NAME}" if name else FLAT_PARAM_NAME), flat_param)
             for name, flat_param in zip(self.unit_names, self.flat_params)
         ]
+
+    def original_ranges(self, clean: Callable[[str], str]) -> list[list[tuple[str, Tensor | None, int, int]]]:
+        """Per unit, ``(name, original parameter, start, stop)`` of every original parameter with
+        elements in this rank's flat shard, names cleaned by ``clean``; the parameter is None
+        without ``use_orig_params=True`` (FSDP1 keeps no such variable then)."""
+        per_unit = []
+        for prefix, flat_param in zip(self.unit_names, self.flat_params):
+            originals = flat_param._params if flat_param._params is not None else [None] * len(flat_param._fqns)
+            per_unit.append([
+                (clean(f"{prefix}.{fqn}" if prefix else fqn), original, info.offset_in_shard,
+                 info.offset_in_shard + info.numel_in_shard)
+                for fqn, original, info in zip(flat_param._fqns, originals, flat_param._shard_param_infos)
+                if info.in_shard
+            ])
+        return per_unit
 
     def named_pieces(self, clean: Callable[[str], str]) -> list[tuple[str, Tensor]]:
         """``(original parameter name, its range of the unit's local flat gradient)`` for every

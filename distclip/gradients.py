@@ -172,7 +172,7 @@ class Parameters:
         """The gradients to count and scale now (call :meth:`refresh` first to follow the model)."""
         if self.fsdp1 is not None:
             grads, known, params = self.fsdp1(topology)
-            return Gradients(grads, params, known, tuple(p.grad is not None for p in self.fsdp1.flat_params))
+            return Gradients(grads, params, known, tuple(p.grad is not None for p in self.fsdp1.holders))
         params = self.params
         all_grads = [p.grad for p in params]
         present = [g is not None for g in all_grads]  # not `None in all_grads`: that runs Tensor.__eq__
@@ -192,6 +192,26 @@ class Parameters:
                     except OwnershipError as error:
                         known[position[id(params[index])]] = error
         return Gradients(grads, kept, known, presence)
+
+    @property
+    def holders(self) -> list[Tensor]:
+        """What the gradients come from, in the order :meth:`gradients` collects them (and
+        ``presence`` refers to): the parameters, or an FSDP1 model's flat parameters and then the
+        parameters FSDP1 does not manage."""
+        return self.params if self.fsdp1 is None else self.fsdp1.holders
+
+    def group_items(self) -> list[list[tuple[str, Tensor, int | None, int | None]]]:
+        """Per holder, what a per-group norm can be chosen for: ``(name, parameter, start,
+        stop)``, start None for the whole holder; an FSDP1 flat parameter's original
+        parameters by their ranges of the local shard (the parameter is the flat one when FSDP1
+        keeps no original)."""
+        if self.fsdp1 is None:
+            return [[(name, p, None, None)] for name, p in self.named()]
+        items = [
+            [(name, flat if original is None else original, start, stop) for name, original, start, stop in unit]
+            for flat, unit in zip(self.fsdp1.flat_params, self.fsdp1.original_ranges(clean_name))
+        ]
+        return items + [[(name, p, None, None)] for name, p in self._named_plain() if id(p) in self.fsdp1.unmanaged_ids]
 
     def named(self) -> list[tuple[str, Tensor]]:
         """``(name, parameter)`` for every parameter (see the module docstring for names); FSDP1

@@ -20,8 +20,9 @@ agrees on the names).  ``groups`` is
   clipper does not clip, is an error).
 
 The assignment is made again whenever the parameters change (a model's tree, an optimizer's
-groups), so a new adapter lands in its group.  FSDP1 flat parameters hold many parameters in
-one gradient, so they take no groups (an error).
+groups), so a new adapter lands in its group.  An FSDP1 flat gradient holds many parameters: each
+original parameter's range of it counts towards that parameter's group (a callable is passed the
+original parameter with ``use_orig_params=True``, the unit's FlatParameter without).
 """
 
 from __future__ import annotations
@@ -31,7 +32,7 @@ from typing import Callable, Iterable, Mapping, Union
 import torch
 from torch import Tensor
 
-from distclip.gradients import Parameters, unwrap
+from distclip.gradients import Parameters
 
 GroupsSpec = Union[None, str, Callable[[str, Tensor], Union[str, None]], Mapping[str, Iterable[Tensor]]]
 NAMED_SPECS = ("parameters", "modules", "param_groups")
@@ -46,49 +47,64 @@ def check_groups(groups: GroupsSpec, source: Parameters) -> None:
             raise ValueError('distclip: groups="modules" needs a model, not parameters')
     elif not (groups is None or callable(groups) or isinstance(groups, Mapping)):
         raise ValueError(f"distclip: groups must be one of {NAMED_SPECS}, a callable or a mapping, got {groups!r}")
-    if groups is not None and source.fsdp1 is not None:
-        raise ValueError("distclip: per-group norms are not supported for FSDP1 flat parameters")
 
 
-def group_of_parameters(
+Assignment = Union[str, None, tuple[tuple[int, int, Union[str, None]], ...]]
+
+
+def group_of_holders(
     groups: GroupsSpec, source: Parameters, optimizer: torch.optim.Optimizer | None
-) -> list[str | None]:
-    """Per parameter of ``source.params``, the name of its group (None: the total only)."""
+) -> list[Assignment]:
+    """Per holder of ``source`` (:attr:`Parameters.holders`), the name of its group (None: the
+    total only) or, for an FSDP1 flat parameter, ``(start, stop, name)`` per original
+    parameter's range of the local shard."""
+    group = _chooser(groups, source, optimizer)
+    assigned: list[Assignment] = []
+    for items in source.group_items():
+        if len(items) == 1 and items[0][2] is None:
+            name, param, _, _ = items[0]
+            assigned.append(group(name, param))
+        else:
+            assigned.append(tuple((start, stop, group(name, param)) for name, param, start, stop in items))
+    return assigned
+
+
+def _chooser(
+    groups: GroupsSpec, source: Parameters, optimizer: torch.optim.Optimizer | None
+) -> Callable[[str, Tensor], str | None]:
+    """``(name, parameter) -> group`` for ``groups``."""
     if groups == "parameters":
-        return _by_parameter(source, lambda name, _: name)
+        return lambda name, _: name
+    if groups == "modules":  # a top-level submodule's parameters are named after it
+        return lambda name, _: name.split(".")[0] if "." in name else "(root)"
     if callable(groups) and not isinstance(groups, Mapping):
-        return _by_parameter(source, groups)
-    if groups == "modules":
-        model = unwrap(source.module)
-        named = {name: list(child.parameters()) for name, child in model.named_children()}
-        named["(root)"] = list(model.parameters(recurse=False))
-    elif groups == "param_groups":
+        return _checked(groups)
+    if groups == "param_groups":
         if optimizer is None:
             raise ValueError('distclip: groups="param_groups" needs attach(optimizer) first')
         named = {g.get("name", f"param_group_{i}"): list(g["params"]) for i, g in enumerate(optimizer.param_groups)}
-    else:
-        named = {name: list(params) for name, params in groups.items()}
-    return _by_membership(named, source.params, strict=groups not in NAMED_SPECS)
+        return _by_membership(named, clipped=None)
+    return _by_membership({name: list(params) for name, params in groups.items()}, clipped={id(p) for p in source.params})
 
 
-def _by_parameter(source: Parameters, name_group: Callable[[str, Tensor], str | None]) -> list[str | None]:
-    group_of = {id(p): name_group(name, p) for name, p in source.named()}
-    for group in group_of.values():
-        if group is not None and not isinstance(group, str):
-            raise ValueError(f"distclip: a groups callable must return a str or None, got {group!r}")
-    return [group_of[id(p)] for p in source.params]
+def _checked(choose: Callable[[str, Tensor], str | None]) -> Callable[[str, Tensor], str | None]:
+    def group(name: str, param: Tensor) -> str | None:
+        chosen = choose(name, param)
+        if chosen is not None and not isinstance(chosen, str):
+            raise ValueError(f"distclip: a groups callable must return a str or None, got {chosen!r} for {name!r}")
+        return chosen
+
+    return group
 
 
-def _by_membership(named: Mapping[str, Iterable[Tensor]], params: list[Tensor], strict: bool) -> list[str | None]:
-    index_of = {id(p): i for i, p in enumerate(params)}
-    group_of: list[str | None] = [None] * len(params)
+def _by_membership(named: Mapping[str, Iterable[Tensor]], clipped: set[int] | None) -> Callable[[str, Tensor], str | None]:
+    """Groups given by their parameters; with ``clipped``, a parameter outside it is an error
+    (the optimizer's groups may hold parameters the clipper was not given)."""
+    group_of: dict[int, str] = {}
     for name, members in named.items():
         for p in members:
-            if id(p) not in index_of:
-                if strict:
-                    raise ValueError(f"distclip: group {name!r} holds a parameter the clipper does not clip")
-                continue  # an optimizer's or a module's parameter that the clipper was not given
-            if group_of[index_of[id(p)]] is not None:
-                raise ValueError(f"distclip: a parameter is in group {name!r} and group {group_of[index_of[id(p)]]!r}")
-            group_of[index_of[id(p)]] = name
-    return group_of
+            if clipped is not None and id(p) not in clipped:
+                raise ValueError(f"distclip: group {name!r} holds a parameter the clipper does not clip")
+            if group_of.setdefault(id(p), name) != name:
+                raise ValueError(f"distclip: a parameter is in group {name!r} and group {group_of[id(p)]!r}")
+    return lambda _, param: group_of.get(id(param))

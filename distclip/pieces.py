@@ -53,13 +53,15 @@ class Pieces:
     (whole) normed together as one flattened copy; ``blocks``: ``(unit, start, rows)``,
     ``rows x ROW`` elements from ``start``; ``value_units``: the unit of every norm
     :func:`piece_norms` returns, in its order (whole pieces, packs by their first unit, then
-    each block's rows).
+    each block's rows); ``value_keys``: the ``keys`` entry of every norm's range, in the same
+    order (empty without keys).
     """
 
     whole: tuple[tuple[int, int, int, bool], ...]
     packs: tuple[tuple[int, ...], ...]
     blocks: tuple[tuple[int, int, int], ...]
     value_units: tuple[int, ...]
+    value_keys: tuple[object, ...] = ()
 
     def __len__(self) -> int:
         """How many tensors the norm kernels take: whole pieces, packs and blocks."""
@@ -74,11 +76,12 @@ def split_ranges(
     Units are packed together only with units of the same ``keys`` entry (e.g. the group a
     per-group norm counts them towards)."""
     whole, blocks = [], []
+    whole_keys, block_keys = [], []
     packs: dict[object, list[list[int]]] = {}  # key -> packs, the last one still filling
     filled: dict[object, int] = {}
     for n, (unit, start, stop, numel) in enumerate(ranges):
+        key = keys[n] if keys is not None else None
         if device.type == "cpu" and start == 0 and stop == numel and 0 < numel <= PACK_UP_TO:
-            key = keys[n] if keys is not None else None
             if key not in packs or filled[key] + numel > ROWS_FROM:
                 packs.setdefault(key, []).append([])
                 filled[key] = 0
@@ -86,19 +89,27 @@ def split_ranges(
             filled[key] += numel
         elif device.type != "cpu" or stop - start <= ROWS_FROM:
             whole.append((unit, start, stop, start == 0 and stop == numel))
+            whole_keys.append(key)
         else:
             rows = (stop - start) // ROW
             for first in range(0, rows, BLOCK // ROW):
                 blocks.append((unit, start + first * ROW, min(BLOCK // ROW, rows - first)))
+                block_keys.append(key)
             if start + rows * ROW < stop:
                 whole.append((unit, start + rows * ROW, stop, False))
+                whole_keys.append(key)
     packed = tuple(tuple(pack) for key_packs in packs.values() for pack in key_packs)
     value_units = (
         [unit for unit, _, _, _ in whole]
         + [pack[0] for pack in packed]
         + [unit for unit, _, rows in blocks for _ in range(rows)]
     )
-    return Pieces(tuple(whole), packed, tuple(blocks), tuple(value_units))
+    value_keys = () if keys is None else tuple(
+        whole_keys
+        + [key for key, key_packs in packs.items() for _ in key_packs]
+        + [key for key, (_, _, rows) in zip(block_keys, blocks) for _ in range(rows)]
+    )
+    return Pieces(tuple(whole), packed, tuple(blocks), tuple(value_units), value_keys)
 
 
 def piece_tensors(pieces: Pieces, units: Sequence[Tensor]) -> tuple[list[Tensor], list[Tensor]]:

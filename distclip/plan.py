@@ -9,8 +9,9 @@ meshes or ownership.
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
-from typing import Mapping, Sequence
+from typing import Callable, Mapping, Sequence, Union
 
 import torch
 from torch import Tensor
@@ -47,7 +48,8 @@ class NormPlan:
     """Ownership and grouping of a fixed list of gradients, ready to run every step.
 
     ``group_of`` optionally assigns each gradient a group index in ``range(num_groups)`` (or
-    -1 for none); each group's norm then rides the same collective as the total.  ``keys``
+    -1 for none; or, for a gradient holding several parameters, a group per range: see
+    :func:`_slot_of`); each group's norm then rides the same collective as the total.  ``keys``
     are the parameters of ``grads``, for a per-parameter ``replica_group`` callable.
     """
 
@@ -56,7 +58,7 @@ class NormPlan:
         grads: Sequence[Tensor],
         topology: Topology,
         known: Mapping[int, Attribution | OwnershipError] | None = None,
-        group_of: Sequence[int] | None = None,
+        group_of: Sequence[GroupOf] | None = None,
         num_groups: int = 0,
         keys: Sequence[Tensor] | None = None,
     ) -> None:
@@ -85,18 +87,20 @@ class NormPlan:
         owned: dict[tuple[torch.device, torch.dtype], list[tuple[int, int, int]]] = {}
         for index, start, stop in ownership.owned:
             owned.setdefault((local[index].device, local[index].dtype), []).append((index, start, stop))
-        # Gradients in no group count towards a spare slot k, dropped after the reduction.
-        slot = [num_groups if g < 0 else g for g in group_of] if group_of is not None else None
+        slot = None if group_of is None else functools.partial(_slot_of, group_of, num_groups)
         self.buckets = [self._bucket(device, dtype, segments, local, slot) for (device, dtype), segments in owned.items()]
         # The same ranges per gradient, for partials taken one gradient at a time (distclip.overlap).
         self.owned_ranges: dict[int, list[tuple[int, int]]] = {}
         for index, start, stop in ownership.owned:
             self.owned_ranges.setdefault(index, []).append((start, stop))
         self.owned_indices = list(self.owned_ranges)
+        # A gradient's partial taken alone (overlap) counts towards its first range's group: only
+        # FSDP1 flat gradients have several, and FSDP1 runs no overlap.
         self.owned_slot_ids = (
-            None if slot is None else torch.tensor([slot[i] for i in self.owned_indices], device=self.device)
+            None if slot is None
+            else torch.tensor([slot(i, self.owned_ranges[i][0][0]) for i in self.owned_indices], device=self.device)
         )
-        owned_slots = {slot[index] for index, _, _ in ownership.owned} if slot is not None else set()
+        owned_slots = {slot(index, start) for index, start, _ in ownership.owned} if slot is not None else set()
         self.presence = (bool(ownership.owned),) + tuple(g in owned_slots for g in range(num_groups))
         # Every local gradient is scaled, copies included: one list of indices per (device, dtype).
         scale: dict[tuple[torch.device, torch.dtype], list[int]] = {}
@@ -117,25 +121,25 @@ class NormPlan:
         dtype: torch.dtype,
         segments: list[tuple[int, int, int]],
         local: Sequence[Tensor],
-        slot: Sequence[int] | None,
+        slot: Callable[[int, int], int] | None,
     ) -> _Bucket:
-        keys = None if slot is None else [slot[i] for i, _, _ in segments]
+        keys = None if slot is None else [slot(i, start) for i, start, _ in segments]
         pieces = split_ranges(((i, start, stop, local[i].numel()) for i, start, stop in segments), device, keys)
-        group_ids = None if slot is None else torch.tensor([slot[i] for i in pieces.value_units], device=device)
+        group_ids = None if keys is None else torch.tensor(pieces.value_keys, dtype=torch.int64, device=device)
         supported = has_foreach_support([local[i] for i, _, _ in segments], device)
         bucket = _Bucket(device, dtype, pieces, group_ids, supported)
         runs = find_runs(segments, local, keys)
         if runs is not None:
             bucket.runs = runs
-            # A run's pieces share one group: its first gradient's.
-            unit_keys = None if slot is None else [slot[i] for i in runs.unit_gradients]
-            range_keys = None if unit_keys is None else [unit_keys[unit] for unit, _, _, _ in runs.ranges]
+            # A run's pieces share one group (find_runs joins only pieces of one key).
+            range_keys = None if keys is None else [keys[n] for n in runs.range_pieces]
             bucket.run_pieces = split_ranges(runs.ranges, device, range_keys)
-            if unit_keys is not None:
-                bucket.run_group_ids = torch.tensor([unit_keys[u] for u in bucket.run_pieces.value_units], device=device)
+            if keys is not None:
+                bucket.run_group_ids = torch.tensor(bucket.run_pieces.value_keys, dtype=torch.int64, device=device)
         return bucket
 
     def local_tensors(self, grads: Sequence[Tensor]) -> list[Tensor]:
+        """The plain local tensor of each gradient (a DTensor's shard)."""
         # The local tensor without to_local(): no autograd function per gradient.
         return [LOCAL_TENSOR(g) if d else g for g, d in zip(grads, self.is_dtensor)]
 
@@ -233,3 +237,16 @@ class NormPlan:
             self.scale_foreach_supported,
         )
 
+
+GroupOf = Union[int, tuple[tuple[int, int, int], ...]]
+
+
+def _slot_of(group_of: Sequence[GroupOf], num_groups: int, index: int, start: int) -> int:
+    """The slot element ``start`` of gradient ``index`` counts towards: its group, or the spare
+    slot ``num_groups`` (dropped after the reduction) for none.  ``group_of[index]`` is a group
+    (-1: none) or, for a gradient holding several parameters (an FSDP1 flat gradient),
+    ``(start, stop, group)`` per range."""
+    entry = group_of[index]
+    if isinstance(entry, tuple):
+        entry = next((group for first, stop, group in entry if first <= start < stop), -1)
+    return num_groups if entry < 0 else entry

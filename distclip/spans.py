@@ -32,7 +32,8 @@ class Runs:
     The *units* of a step are :meth:`views`: one flat view per run, then the gradients ``alone``
     (those with a piece in no run) as they are; ``ranges`` are ``(unit, start, stop, unit
     numel)``, every piece covered once, in the pieces' order (a run where its first piece is),
-    and ``unit_gradients`` each unit's gradient (a run's first).  ``runs[r] = (anchor, start,
+    ``unit_gradients`` each unit's gradient (a run's first), and ``range_pieces`` the piece each
+    range stands for (a run's first).  ``runs[r] = (anchor, start,
     length)``: run r is ``length`` elements from element ``start`` of gradient ``anchor``'s
     storage offset on; ``members`` are every run piece's gradient, ``member_offsets`` where each
     one's first element sat relative to its run's anchor (in elements), ``member_runs`` its run.
@@ -46,6 +47,7 @@ class Runs:
     alone: tuple[int, ...]
     ranges: tuple[tuple[int, int, int, int], ...]
     unit_gradients: tuple[int, ...]
+    range_pieces: tuple[int, ...]
 
     def views(self, local: Sequence[Tensor]) -> list[Tensor] | None:
         """The units over the current gradients ``local``: one flat view per run, then the
@@ -120,14 +122,16 @@ def find_runs(pieces: Sequence[Piece], local: Sequence[Tensor], keys: Sequence[o
             member_runs.append(r)
             run_of_piece[n] = r
     alone: dict[int, int] = {}  # gradient -> its unit
-    ranges = []
+    ranges, range_pieces = [], []
     for n, (index, start, stop) in enumerate(pieces):
         if n not in run_of_piece:
             unit = alone.setdefault(index, len(runs) + len(alone))
             ranges.append((unit, start, stop, local[index].numel()))
+            range_pieces.append(n)
         elif min(runs[run_of_piece[n]]) == n:
             length = spans[run_of_piece[n]][2]
             ranges.append((run_of_piece[n], 0, length, length))
+            range_pieces.append(n)
     return Runs(
         tuple(spans),
         tuple(members),
@@ -137,4 +141,5 @@ def find_runs(pieces: Sequence[Piece], local: Sequence[Tensor], keys: Sequence[o
         tuple(alone),
         tuple(ranges),
         tuple(anchor for anchor, _, _ in spans) + tuple(alone),
+        tuple(range_pieces),
     )

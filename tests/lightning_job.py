@@ -6,8 +6,8 @@ strategy supports it (not FSDP1).  Each step, before the callback clips, the flo
 norms of the full gradients (all of them, and each child of the LightningModule) are taken;
 each rank writes the steps' reference norms, the norms the callback logged and its clipper saw,
 and the collectives of its clip to ``OUT/rank{r}.json``.  Then, in the same processes, a fit the
-callback must refuse (``Trainer(gradient_clip_val=...)`` beside it; under FSDP1, per-group
-norms): the error each rank raised, and whether any step ran, go under ``refused``.
+callback must refuse (``Trainer(gradient_clip_val=...)`` beside it): the error each rank
+raised, and whether any step ran, go under ``refused``.
 """
 
 from __future__ import annotations
@@ -169,10 +169,7 @@ def _trainer(strategy: str, callback, **kwargs) -> pl.Trainer:
 
 def _refused(strategy: str, data) -> dict:
     """A fit GlobalNormClipping must refuse on this rank: its error, and whether a step ran."""
-    if strategy == "fsdp":
-        callback, kwargs = Recorder(groups="modules"), {}
-    else:
-        callback, kwargs = Recorder(groups=None), {"gradient_clip_val": 0.1}
+    callback, kwargs = Recorder(groups=None), {"gradient_clip_val": 0.1}
     try:
         _trainer(strategy, callback, **kwargs).fit(Model(), data)
     except ValueError as error:
@@ -185,7 +182,7 @@ def main(strategy: str, out: str) -> None:
         return fabric_main(out)
     generator = torch.Generator().manual_seed(1234)
     data = DataLoader(TensorDataset(torch.randn(32, 16, generator=generator) * 3), batch_size=4, shuffle=False)
-    recorder = Recorder(groups=None if strategy == "fsdp" else "modules")  # FSDP1: no per-group norms
+    recorder = Recorder(groups="modules")
     trainer = _trainer(strategy, recorder)
     trainer.fit(Model(), data)
     refused = _refused(strategy, data)

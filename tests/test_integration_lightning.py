@@ -5,10 +5,9 @@ FSDP and ModelParallelStrategy (FSDP2) with :class:`GlobalNormClipping`; Fabric 
 :func:`clip_gradients`.  Each step: the norm equals the float64 reference of the full
 gradients, is what the callback logged, is identical on both ranks, took one collective, and
 the three Trainer strategies give the same norm history; with ``groups="modules"`` (DDP,
-FSDP2) the groups are the LightningModule's children, at their reference norms.  The same
+FSDP1, FSDP2) the groups are the LightningModule's children, at their reference norms.  The same
 processes then try a fit the callback must refuse on every rank before any step:
-``Trainer(gradient_clip_val=...)`` beside it (Lightning would clip again after it), or per-group
-norms under FSDP1.
+``Trainer(gradient_clip_val=...)`` beside it (Lightning would clip again after it).
 
 Lightning refuses ``FSDPStrategy`` with ``accelerator="cpu"`` ("requires a GPU accelerator",
 checked as ``type(strategy) is FSDPStrategy``) and would pass ``device_id=None`` to FSDP on
@@ -82,7 +81,7 @@ def test_sharded_strategies_give_the_ddp_norm_history(strategy, rows):
     assert all(math.isclose(a, b, rel_tol=1e-5) for a, b in zip(ddp, sharded)), (ddp, sharded)
 
 
-@pytest.mark.parametrize("strategy", ["ddp", "model_parallel"])
+@pytest.mark.parametrize("strategy", ["ddp", "fsdp", "model_parallel"])
 def test_group_norms_are_named_after_the_lightning_modules_children(strategy, rows):
     # Under DDP the strategy's wrapper has one child, `module`: its name is not the user's.
     rank0, rank1 = rows(strategy)
@@ -93,19 +92,13 @@ def test_group_norms_are_named_after_the_lightning_modules_children(strategy, ro
     assert [r["logged_groups"] for r in rank0] == [r["logged_groups"] for r in rank1], "ranks disagree"
 
 
-def test_gradient_clip_val_beside_the_callback_is_refused_on_every_rank_before_any_step(run):
+@pytest.mark.parametrize("strategy", ["ddp", "fsdp"])
+def test_gradient_clip_val_beside_the_callback_is_refused_on_every_rank_before_any_step(run, strategy):
     # Lightning clips after on_before_optimizer_step: both would clip, its threshold last.
-    for record in run("ddp"):
+    for record in run(strategy):
         assert record["refused"]["steps"] == 0, record["refused"]
         assert "Trainer(gradient_clip_val=0.1) would clip them again" in (record["refused"]["error"] or ""), record
         assert "max_norm=0.05" in record["refused"]["error"]
-
-
-def test_per_group_norms_under_fsdp1_are_refused_on_every_rank_before_any_step(run):
-    for record in run("fsdp"):
-        assert record["refused"]["steps"] == 0, record["refused"]
-        assert "under Lightning's FSDPStrategy: per-group norms are not supported" in (record["refused"]["error"] or "")
-        assert "ModelParallelStrategy" in record["refused"]["error"]
 
 
 def _fit(callback, steps: int):

@@ -15,10 +15,10 @@ Lightning's threshold last.  The callback raises a ValueError in ``setup`` (ever
 any step) when ``gradient_clip_val`` is set too: which of the two thresholds was meant is the
 user's to say.
 
-Group names are the LightningModule's own: ``groups="modules"`` names the LightningModule's
-children, not those of the strategy's DDP wrapper (``module``).  FSDP1 (Lightning's
-``FSDPStrategy``) holds flat parameters, which per-group norms do not support: a ValueError in
-``setup``; ``ModelParallelStrategy`` (FSDP2) supports them.
+Group names are the LightningModule's own under every strategy: ``groups="modules"`` names its
+children, not those of the strategy's DDP or FSDP wrapper (:mod:`distclip.gradients` names
+parameters as the unwrapped model does), and under ``FSDPStrategy`` each original parameter's
+range of a flat gradient counts towards its own group.
 
 :func:`clip_gradients` is the Fabric counterpart of ``fabric.clip_gradients(module, optimizer,
 max_norm=...)``: no host sync.
@@ -29,7 +29,6 @@ from __future__ import annotations
 from typing import Any
 
 import lightning.pytorch as pl
-from lightning.pytorch.strategies import FSDPStrategy
 from torch import Tensor, nn
 
 import distclip
@@ -71,7 +70,7 @@ class GlobalNormClipping(pl.Callback):
 
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         """Refuse, on every rank before any step, what would clip wrongly: the Trainer's own
-        clipping on top of this one, or per-group norms of FSDP1's flat parameters."""
+        clipping on top of this one."""
         if stage != "fit":
             return
         if (trainer.gradient_clip_val or 0) > 0:  # Lightning clips only by a positive value
@@ -81,17 +80,11 @@ class GlobalNormClipping(pl.Callback):
                 f"on_before_optimizer_step); leave gradient_clip_val unset and give the threshold to "
                 f"GlobalNormClipping (max_norm={self.max_norm!r} now)"
             )
-        if self.groups is not None and isinstance(trainer.strategy, FSDPStrategy):
-            raise ValueError(
-                f"distclip: GlobalNormClipping(groups={self.groups!r}) under Lightning's FSDPStrategy: per-group "
-                "norms are not supported for FSDP1 flat parameters; use ModelParallelStrategy (FSDP2) or groups=None"
-            )
 
     def on_before_optimizer_step(self, trainer: pl.Trainer, pl_module: pl.LightningModule, optimizer: Any) -> None:
         if self.clipper is None:
-            groups = _module_children(pl_module) if self.groups == "modules" else self.groups
             self.clipper = distclip.GradClipper(
-                _wrapped(trainer, pl_module), self.max_norm, self.norm_type, groups=groups, **self.clipper_kwargs
+                _wrapped(trainer, pl_module), self.max_norm, self.norm_type, groups=self.groups, **self.clipper_kwargs
             )
             if self._pending_state:
                 self.clipper.load_state_dict(self._pending_state)
@@ -118,16 +111,6 @@ def _wrapped(trainer: pl.Trainer, pl_module: pl.LightningModule) -> nn.Module:
     wrapper; the LightningModule itself where nothing wraps it."""
     model = getattr(trainer.strategy, "model", None)
     return model if isinstance(model, nn.Module) else pl_module
-
-
-def _module_children(pl_module: pl.LightningModule) -> dict[str, list[Tensor]]:
-    """``groups="modules"`` named after the LightningModule's children (its own parameters as
-    ``"(root)"``, as :class:`distclip.GradClipper` names them): the strategy's DDP wrapper has
-    one child, ``module``, and DDP and FSDP2 train the very parameter objects the
-    LightningModule holds."""
-    named = {name: list(child.parameters()) for name, child in pl_module.named_children()}
-    own = list(pl_module.parameters(recurse=False))
-    return {**named, **({"(root)": own} if own else {})}
 
 
 def clip_gradients(
