@@ -9,15 +9,22 @@ The rules.
 - **Fused zero-pass apply.**  An optimizer whose kernel takes GradScaler's ``grad_scale`` and
   ``found_inf`` (``_step_supports_amp_scaling``: fused Adam, AdamW, SGD) gets the coefficient
   folded into ``grad_scale`` (its kernel divides the gradients by it) instead of a pass over the
-  gradients; the norm of still-scaled gradients is divided by the scale.  Only while the
-  parameters it steps are exactly the clipped ones and none is a DTensor (``grad_scale`` is a
-  plain tensor, which DTensor kernels reject): checked again whenever either list changes
-  (:class:`FusedCheck`), so a parameter added by ``add_param_group`` never gets a coefficient it
-  did not contribute to.  Otherwise the step takes the normal pass, and warns once when the
-  optimizer steps parameters the clipper does not clip (those are stepped unclipped).
+  gradients.  Only while the parameters it steps are exactly the clipped ones and none is a
+  DTensor (``grad_scale`` is a plain tensor, which DTensor kernels reject): checked again
+  whenever either list changes (:class:`FusedCheck`), so a parameter added by ``add_param_group``
+  never gets a coefficient it did not contribute to.  Otherwise the step takes the normal pass,
+  and warns once when the optimizer steps parameters the clipper does not clip (those are
+  stepped unclipped).
+- **GradScaler's scale still in the gradients** (``scaler.step`` without ``unscale_`` on a fused
+  optimizer): the norm is divided by the scale (accumulated in float64, so no scale overflows
+  it), and the coefficient goes into the gradients (one pass), not into ``grad_scale``:
+  ``scale / coef`` can exceed float32 at the scales a scaler reaches with float32 gradients,
+  and an infinite ``grad_scale`` would zero the update.
 - **Skipped steps** change neither parameters nor optimizer state: a fused optimizer gets
   ``found_inf`` (no sync); others have their gradients set to None for the step (one host sync,
-  only when skipping is configured).
+  only when skipping is configured).  A step another rank found a problem in (on an
+  accelerator, raised at the next call) is skipped the same way by a fused optimizer; an
+  ordinary one steps that once with the gradients as they were (unclipped).
 - What the hook sets on the optimizer is put back after the step (:class:`FusedStep`):
   ``grad_scale`` and ``found_inf`` return to the values they had (GradScaler's own, which the
   scaler then removes itself; ``grad_scale`` is None after ``scaler.unscale_``), or are removed
@@ -46,24 +53,35 @@ def discard_grads_(optimizer: torch.optim.Optimizer) -> None:
             p.grad = None
 
 
-class FusedCheck:
-    """Whether the fused apply may serve ``optimizer``, re-decided only when its parameter lists
-    or the clipper's parameter list (``version``) change: a step costs a tuple of the groups'
-    lengths."""
+class GroupsWatch:
+    """Tells whether an optimizer's parameter groups changed since the last call: another group
+    (``add_param_group``), another list object or length for a group's ``"params"``.  The lists
+    are held, so that a new list cannot pass for a freed one at its address."""
 
     def __init__(self, optimizer: torch.optim.Optimizer) -> None:
         self.optimizer = optimizer
-        self._key: object = None
+        self._seen: list[tuple[list, int]] | None = None
+
+    def changed(self) -> bool:
+        now = [(g["params"], len(g["params"])) for g in self.optimizer.param_groups]
+        seen, self._seen = self._seen, now
+        return seen is None or len(seen) != len(now) or any(a is not b or m != n for (a, m), (b, n) in zip(seen, now))
+
+
+class FusedCheck:
+    """Whether the fused apply may serve ``optimizer``, re-decided only when its parameter groups
+    or the clipper's parameter list (``version``) change: a step costs a look at the groups."""
+
+    def __init__(self, optimizer: torch.optim.Optimizer) -> None:
+        self.optimizer = optimizer
+        self._groups = GroupsWatch(optimizer)
+        self._version: int | None = None
         self._fused = False
         self._warned = False
 
-    def _signature(self) -> tuple:
-        return tuple((id(g["params"]), len(g["params"])) for g in self.optimizer.param_groups)
-
     def __call__(self, params: Sequence[Tensor], version: int) -> bool:
-        key = (version, self._signature())
-        if key != self._key:
-            self._key = key
+        if self._groups.changed() or version != self._version:
+            self._version = version
             self._fused = self._decide(params)
         return self._fused
 
@@ -94,18 +112,16 @@ class FusedStep:
     def __init__(self) -> None:
         self._saved: dict[str, object] = {}
 
-    def set(self, optimizer: torch.optim.Optimizer, loss_scale: Tensor | None, coef: Tensor, skip: Tensor | None) -> None:
-        """``grad_scale = loss_scale / coef`` (the kernel divides the gradients by it); with
-        ``skip`` (a 0-dim bool tensor), ``found_inf`` also where ``skip``."""
+    def set(self, optimizer: torch.optim.Optimizer, grad_scale: Tensor, skip: Tensor) -> None:
+        """``grad_scale`` (the kernel divides the gradients by it) and ``found_inf`` also where
+        ``skip`` (a 0-dim bool tensor: the kernel then leaves parameters and state alone)."""
         self._saved = {name: getattr(optimizer, name, _MISSING) for name in ("grad_scale", "found_inf")}
-        scale = torch.ones((), device=coef.device) if loss_scale is None else loss_scale.to(coef.device)
-        optimizer.grad_scale = (scale / coef).to(torch.float32)
-        if skip is not None:
-            found = skip.to(torch.float32)
-            previous = self._saved["found_inf"]
-            optimizer.found_inf = (
-                found if previous is _MISSING or previous is None else torch.maximum(previous, found.to(previous.device))
-            )
+        optimizer.grad_scale = grad_scale.to(torch.float32)
+        found = skip.to(torch.float32)
+        previous = self._saved["found_inf"]
+        optimizer.found_inf = (
+            found if previous is _MISSING or previous is None else torch.maximum(previous, found.to(previous.device))
+        )
 
     def restore(self, optimizer: torch.optim.Optimizer) -> None:
         for name, value in self._saved.items():

@@ -56,7 +56,8 @@ def _global_norm(
         plan, local, contribution = None, [], failed_contribution(error, 1, 0, checks, pnorm, device)
     reduced = reduce_and_raise(contribution, pnorm, topology)
     total = reduced.norms[0].to(device=plan.out_device, dtype=plan.out_dtype)
-    if error_if_nonfinite and bool(total.isnan() | total.isinf()):
+    # An invalid step's NaN is another rank's problem, raised at the next call (distclip.deferred).
+    if error_if_nonfinite and bool((total.isnan() | total.isinf()) & ~reduced.invalid):
         raise RuntimeError(_NONFINITE_MESSAGE.format(pnorm.p))
     return total, reduced.invalid, plan, local
 

@@ -28,7 +28,7 @@ from torch import Tensor, nn
 from torch.utils.hooks import RemovableHandle
 
 from distclip import nonfinite as nonfinite_location
-from distclip.attach import FusedCheck, FusedStep, discard_grads_
+from distclip.attach import FusedCheck, FusedStep, GroupsWatch, discard_grads_
 from distclip.decision import NONFINITE_POLICIES, ClipResult, check_nonfinite_policy, decide
 from distclip.deferred import NextCall
 from distclip.gradients import Gradients, Parameters
@@ -44,7 +44,7 @@ from distclip.plan import NormPlan
 from distclip.plancache import PlanCache, cached_plan
 from distclip.policies import SpikeSkip, ThresholdPolicy
 from distclip.problems import Problem
-from distclip.reduction import failed_contribution, raise_pending, reduce_and_raise
+from distclip.reduction import all_reduce_contributions, failed_contribution, raise_pending, raise_problems
 from distclip.scaling import check_max_norm
 from distclip.topology import GroupLike, ReplicaGroupLike, reduction_device, resolve_topology
 
@@ -125,7 +125,10 @@ class GradClipper:
         self._optimizer: torch.optim.Optimizer | None = None  # the attached one
         self._plans = PlanCache(PLANS_KEPT)
         self._plan: NormPlan | None = None
-        self._assigned: tuple | None = None  # what the group assignment was made for
+        self._assigned_for: int | None = None  # the parameter-list version groups were assigned for
+        self._assignments = 0  # how many times, and the layouts agreed: in the plans' key
+        self._layouts = 0
+        self._optimizer_groups: GroupsWatch | None = None
         self._group_of_holder: list[Assignment] = []
         self._own_groups: list[str] = []  # the groups of this rank's parameters, in their order
         self.layout: Layout | None = None  # the agreed names (distclip.layout); made at the first step
@@ -157,11 +160,10 @@ class GradClipper:
     def _assign_groups(self) -> None:
         """Each parameter's group name, assigned again when the parameters or the attached
         optimizer's groups changed."""
-        optimizer_groups = None
-        if self._groups_spec == "param_groups" and self._optimizer is not None:
-            optimizer_groups = tuple((id(g["params"]), len(g["params"])) for g in self._optimizer.param_groups)
-        made_for = (self.source.version, optimizer_groups)
-        if self._groups_spec is None or made_for == self._assigned:
+        if self._groups_spec is None:
+            return
+        optimizer_changed = self._groups_spec == "param_groups" and self._optimizer_groups is not None and self._optimizer_groups.changed()
+        if self._assigned_for == self.source.version and not optimizer_changed:
             return
         self._group_of_holder = group_of_holders(self._groups_spec, self.source, self._optimizer)
         self._own_groups = list(dict.fromkeys(
@@ -170,7 +172,8 @@ class GradClipper:
             for name in ([assigned] if not isinstance(assigned, tuple) else [name for _, _, name in assigned])
             if name is not None
         ))
-        self._assigned = made_for
+        self._assigned_for = self.source.version
+        self._assignments += 1
 
     def _agree_on_names(self, metric_names: list[tuple[str, str]]) -> None:
         """Agree on the layout of group norms and metrics with every rank: at the first step,
@@ -178,6 +181,7 @@ class GradClipper:
         flag = self._relayout.take()
         if self.layout is None or (flag is not None and flag[0] != 0):
             self.layout = agree(self._own_groups, metric_names, self.topology)
+            self._layouts += 1
 
     @property
     def group_names(self) -> list[str]:
@@ -189,11 +193,16 @@ class GradClipper:
         if self.source.refresh() and self.backward_partials is not None:
             self.backward_partials.watch(self.source.params)
 
-    def _current(self) -> tuple[Gradients, NormPlan]:
-        """This step's gradients and the plan for exactly them (made only when what a plan
-        depends on changed: a local check, so every rank that needs one makes one)."""
+    def _gradients(self) -> Gradients:
+        """This step's gradients, Partial ones reduced in place (a collective: before anything
+        that could raise on one rank alone, see :mod:`distclip.partial`)."""
         gradients = self.source.gradients(self.topology)
         reduce_partial_gradients_(gradients.grads, gradients.params)
+        return gradients
+
+    def _plan_for(self, gradients: Gradients) -> NormPlan:
+        """The plan for exactly these gradients (made only when what a plan depends on changed:
+        a local check, so every rank that needs one makes one)."""
         group_of = None
         if self._groups_spec is not None:
             slot = self.layout.group_slot
@@ -208,10 +217,10 @@ class GradClipper:
             group_of=group_of,
             num_groups=len(self.group_names),
             cache=self._plans,
-            fixed=(self.source.version, self._assigned, id(self.layout), gradients.presence),
+            fixed=(self.source.version, self._assignments, self._layouts, gradients.presence),
         )
         self._plan = plan  # the latest step's, for introspection
-        return gradients, plan
+        return plan
 
     # -- the step -------------------------------------------------------------------------
 
@@ -230,11 +239,13 @@ class GradClipper:
         raises it together (:mod:`distclip.reduction`)."""
         raise_pending(self.topology)
         failure: Exception | None = None
+        gradients, metric_names = None, []
         try:
+            gradients = self._gradients()
             self._assign_groups()
             metric_names = names_of(metrics)
         except Exception as error:  # still agree on names below, with what this rank has
-            failure, metric_names = error, []
+            failure = error
         self._agree_on_names(metric_names)
         layout_now = self.layout
         ranks, position = len(self.topology.group_ranks), self.topology.group_ranks.index(self.topology.rank)
@@ -244,7 +255,7 @@ class GradClipper:
         try:
             if failure is not None:
                 raise failure
-            gradients, plan = self._current()
+            plan = self._plan_for(gradients)
             local = plan.local_tensors(gradients.grads)
             partials = None
             if self.backward_partials is not None:
@@ -264,8 +275,9 @@ class GradClipper:
         except Exception as error:
             extra_size = 2 + sum(metric_slots(kind, ranks) for _, kind in layout_now.metrics)
             contribution = failed_contribution(error, 1 + len(layout_now.groups), extra_size, checks, self.pnorm, device)
-        reduced = reduce_and_raise(contribution, self.pnorm, self.topology)
-        self._relayout.put(reduced.relayout.reshape(1))
+        reduced = all_reduce_contributions(contribution, self.pnorm, self.topology)
+        self._relayout.put(reduced.relayout.reshape(1))  # before raising: every rank keeps it
+        raise_problems(reduced, contribution, self.topology)
         norms = reduced.norms
         metric_values = decode(reduced.extra[2:], layout_now.metrics, ranks)
         divisor = self._divisor(metric_values, norms.device)
@@ -378,14 +390,15 @@ class GradClipper:
         after the scaler unscaled the gradients, and a step the scaler skips for inf/NaN is not
         clipped at all; a fused optimizer (``fused=True`` Adam, AdamW, SGD) whose parameters are
         exactly the clipped ones gets the coefficient folded into ``grad_scale``, so the clip
-        costs no extra pass over the gradients, the norm of still-scaled gradients is divided by
-        the scale (accumulated in float64, so no scale overflows it) and a step the scaler skips
-        raises no ``nonfinite="error"``.  A skipped step (``nonfinite="skip"``, ``skip_spikes``)
+        costs no extra pass over the gradients; with GradScaler's scale still in the gradients
+        the norm is divided by it (accumulated in float64, so no scale overflows it), the
+        coefficient goes into the gradients (one pass) and a step the scaler skips raises no
+        ``nonfinite="error"``.  A skipped step (``nonfinite="skip"``, ``skip_spikes``)
         changes neither parameters nor optimizer state.  The loss of :meth:`observe_loss` rides
         the clip; the result is in ``last``.
         """
         self._optimizer = optimizer
-        self._assigned = None  # "param_groups" are this optimizer's
+        self._optimizer_groups = GroupsWatch(optimizer)  # "param_groups" are this optimizer's
         fused_check = FusedCheck(optimizer)
         fused_step = FusedStep()
 
@@ -400,8 +413,12 @@ class GradClipper:
             if self.backward_partials is not None:
                 self.backward_partials.wide = True  # its gradients may hold GradScaler's scale
             with torch.no_grad():
-                result, _, _ = self._norms(loss_scale, loss, metrics, tolerated=getattr(opt, "found_inf", None))
-            fused_step.set(opt, loss_scale, result.coef, result.skipped if self._may_skip else None)
+                result, plan, local = self._norms(loss_scale, loss, metrics, tolerated=getattr(opt, "found_inf", None))
+                if loss_scale is None:  # the zero-pass apply: the kernel divides by 1 / coef
+                    fused_step.set(opt, 1.0 / result.coef, result.skipped)
+                else:  # scale / coef could exceed float32 (distclip.attach): the coefficient goes in
+                    plan.scale_(local, result.coef, self.foreach)
+                    fused_step.set(opt, loss_scale, result.skipped)
             return None
 
         def clean_after_step(opt, args, kwargs):

@@ -107,12 +107,14 @@ def decide(
     """
     total = norms[0]
     nonfinite_now = total.isnan() | total.isinf()
-    if nonfinite == "error" and bool(nonfinite_now) and not (tolerated is not None and bool(tolerated)):
+    # An invalid step's NaN is another rank's problem, raised at the next call (distclip.deferred).
+    if nonfinite == "error" and bool(nonfinite_now & ~invalid) and not (tolerated is not None and bool(tolerated)):
         raise RuntimeError(
             f"distclip: the global gradient norm is non-finite ({total.item()}) on step {step}: "
             f"NaN/inf gradients in {locate()}"
         )
-    skipped = nonfinite_now if nonfinite == "skip" else torch.zeros_like(nonfinite_now)
+    # A step a rank found a problem in is never applied (it is raised, at once or at the next call).
+    skipped = (nonfinite_now if nonfinite == "skip" else torch.zeros_like(nonfinite_now)) | invalid
     norm = total.to(torch.float64)
     loss_sum, loss_count = loss_sums.to(total.device).unbind()
     global_loss = loss_sum / loss_count  # NaN when no rank passed one

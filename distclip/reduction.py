@@ -158,11 +158,12 @@ def all_reduce_contributions(contribution: Contribution, pnorm: PNorm, topology:
         groups = _extreme_groups(groups, c.present[1:], pnorm, topology)
     else:
         groups = summed["groups"]
-    # -inf norm (or p < 0) of no element at all: 0, as torch returns for no gradients.
-    total = torch.where(present != 0, total, torch.zeros_like(total))
-    if group_present.numel():
-        groups = torch.where(group_present != 0, groups, torch.zeros_like(groups))
     finished = pnorm.finish(torch.cat([total, groups]))
+    # The norm of no element at all is 0, as torch returns for no gradients (set after finishing:
+    # for p < 0 the empty sum 0 would finish as inf).
+    finished[:1] = torch.where(present != 0, finished[:1], torch.zeros_like(finished[:1]))
+    if group_present.numel():
+        finished[1:] = torch.where(group_present != 0, finished[1:], torch.zeros_like(finished[1:]))
     # Judged on the norm, not the sum: for p < 0 an infinite sum is a zero norm.
     nan = summed["nan"] != 0
     nonfinite = nan | finished[:1].isinf()
@@ -231,10 +232,10 @@ def _reduce_alone(contribution: Contribution, pnorm: PNorm) -> Reduced:
     with no other rank; the problems are this rank's, known on the host."""
     c = contribution
     values = c.partials
-    if not all(c.present):  # -inf (and p < 0) norm of no element at all: 0, as in the encoded path
-        present = _constant(c.present, torch.bool, values.device)
-        values = torch.where(present, values, torch.zeros_like(values))
     norms = pnorm.finish(values)  # with problems these are never seen: raise_problems raises
+    if not all(c.present):  # the norm of no element at all: 0, as in the encoded path
+        present = _constant(c.present, torch.bool, values.device)
+        norms = torch.where(present, norms, torch.zeros_like(norms))
     invalid = _constant(bool(c.problems), torch.bool, values.device)
     problems = [p for p in LOCAL_PROBLEMS if p in c.problems]
     extra = None if c.extra is None else c.extra.to(values.device, torch.float64)

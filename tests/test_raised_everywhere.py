@@ -216,3 +216,103 @@ def test_on_an_accelerator_a_problem_is_raised_on_every_rank_at_the_next_call(ra
     rank0, rank1 = ranks(2).run(_deferred_problem, api)
     assert rank0 == [("returned", True), ("untouched", True), ("next call", True)]
     assert rank1 == [("raised", True), ("untouched", True), ("next call", True)]
+
+
+# -- found by review: raising beside Partial gradients; the accelerator rule's corners -----
+
+
+def _partial_beside_groups_raising_on_one_rank():
+    """A Partial(sum) gradient (its reduction is a collective before the norm's) beside a groups
+    callable raising on rank 1 alone: the same error on both ranks, no collective mismatch."""
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.tensor import DTensor, Partial, Replicate
+
+    mesh = init_device_mesh("cpu", (2,))
+    model = nn.Module()
+    model.norm_weight = nn.Parameter(distribute_tensor(torch.ones(8), mesh, [Replicate()]))
+    model.plain = nn.Parameter(torch.ones(4))
+    model.norm_weight.grad = DTensor.from_local(torch.full((8,), float(dist.get_rank() + 1)), mesh, [Partial()])
+    model.plain.grad = torch.full((4,), 0.5)
+
+    def group_of(name, _):
+        if dist.get_rank() == 1:
+            raise KeyError(f"no group for {name}")
+        return name
+
+    with pytest.raises(KeyError, match="no group for"):
+        distclip.GradClipper(model, 1.0, groups=group_of).clip_()
+
+
+def test_a_groups_callable_raising_beside_partial_gradients_raises_on_every_rank(ranks):
+    ranks(2).run(_partial_beside_groups_raising_on_one_rank)
+
+
+def _deferred_invalid_step(api):
+    """Under the accelerator's rule, a step another rank found a problem in is not mistaken for
+    a non-finite norm (whose error path gathers, and would wait for the rank that raised)."""
+    alone = dist.new_subgroups(group_size=1)[0]
+    model = _model(dist.get_rank())
+    if dist.get_rank() == 1:
+        embedding = nn.Embedding(10, 4, sparse=True)
+        embedding(torch.tensor([1, 2])).sum().backward()
+        model.embedding = embedding
+    outcome = []
+    with deferred():
+        try:
+            if api == "error_if_nonfinite":
+                distclip.clip_grad_norm_(model, 0.1, error_if_nonfinite=True, replica_group=alone)
+            else:
+                distclip.GradClipper(model, 0.1, replica_group=alone, nonfinite="error").clip_()
+            outcome.append("returned")
+        except ValueError as error:
+            outcome.append("not a dense" in str(error))
+        except RuntimeError as error:  # the non-finite error: the wrong one
+            outcome.append(str(error)[:80])
+        try:
+            distclip.get_total_norm([torch.ones(2)], replica_group=alone)
+            outcome.append("next call returned")
+        except ValueError as error:
+            outcome.append("not a dense" in str(error))
+    return outcome
+
+
+@pytest.mark.parametrize("api", ["error_if_nonfinite", "nonfinite=error"])
+def test_on_an_accelerator_another_ranks_problem_is_no_nonfinite_error(ranks, api):
+    rank0, rank1 = ranks(2).run(_deferred_invalid_step, api)
+    assert rank0 == ["returned", True] and rank1 == [True, True], (rank0, rank1)
+
+
+def _relayout_beside_a_raise():
+    """Under the accelerator's rule: at one step both stages add a module (new group names) and
+    rank 1's groups callable raises.  Every rank keeps the request to agree again, so the
+    steps after the error agree together (no rank agrees alone)."""
+    alone = dist.new_subgroups(group_size=1)[0]
+    torch.manual_seed(dist.get_rank())
+    stage = nn.Sequential(nn.Linear(4, 4))
+    fail = {"now": False}
+
+    def group_of(name, _):
+        if fail["now"] and dist.get_rank() == 1:
+            raise KeyError("no group")
+        return name.split(".")[0]
+
+    clipper = distclip.GradClipper(stage, 1e9, replica_group=alone, groups=group_of)
+    seen = []
+    with deferred():
+        for step in range(4):
+            if step == 1:
+                stage.append(nn.Linear(4, 4))
+            fail["now"] = step == 1
+            stage.zero_grad()
+            stage(torch.ones(2, 4)).sum().backward()
+            try:
+                seen.append(sorted(clipper.clip_().all_group_norms))
+            except (KeyError, ValueError) as error:
+                seen.append(type(error).__name__)
+    return seen
+
+
+def test_on_an_accelerator_names_are_agreed_together_after_a_raise(ranks):
+    rank0, rank1 = ranks(2).run(_relayout_beside_a_raise)
+    assert rank1[:3] == [["0"], "KeyError", "KeyError"] and rank0[0] == ["0"] and rank0[2] == "KeyError", (rank0, rank1)
+    assert rank0[3] == rank1[3] == ["0", "1"], (rank0, rank1)
