@@ -7,12 +7,18 @@ Every parallelism starts from the same weights (built from one seed before shard
 the same global batches, so their pre-clip grad-norm histories must agree: that is the
 end-to-end check that distclip counts every gradient element exactly once.
 Rank 0 shows progress, writes ``metrics.jsonl`` and, at the end, ``metrics.png``.
+
+The loss is token-weighted: each rank backpropagates its *summed* token loss, and the clipper
+divides the gradients by the global token count, reduced in the same all-reduce as the norm
+(``GradClipper(divide_by="tokens")``), so ranks holding different numbers of tokens still give
+the gradient of the global token mean, without a collective of their own.
 """
 
 from __future__ import annotations
 
 import argparse
 import contextlib
+import functools
 import json
 import math
 import os
@@ -33,7 +39,7 @@ from distclip.scaling import check_max_norm
 
 PARALLELISMS = ("ddp", "fsdp2", "hsdp", "fsdp2+tp", "pp", "fsdp1")
 CLIP_POLICIES = ("fixed", "zclip", "autoclip")
-SPIKE_FACTOR = 50.0  # --inject-spike multiplies that step's loss (and so its gradients) by this
+SPIKE_FACTOR = 50.0  # --inject-spike multiplies that step's loss (or one block's gradients) by this
 DEFAULT_DATA = Path(__file__).resolve().parent / "data" / "corpus.txt"
 
 
@@ -78,8 +84,12 @@ def parse_args(argv=None) -> argparse.Namespace:
                    " (zclip, autoclip: distclip.ZClip() / distclip.AutoClip() defaults, no clipping in warm-up)")
     p.add_argument("--skip-spikes", action="store_true",
                    help="skip steps whose grad norm or loss exceeds mean + 6 std of the last 128 (distclip.SpikeSkip())")
-    p.add_argument("--inject-spike", type=int, default=None, metavar="STEP",
-                   help=f"multiply STEP's loss by {SPIKE_FACTOR:g}, so that a real spike occurs")
+    p.add_argument("--inject-spike", default=None, metavar="STEP[:BLOCK]",
+                   help=f"multiply STEP's loss by {SPIKE_FACTOR:g}, so that a real spike occurs; with BLOCK, "
+                        "only that transformer block's gradients (a spike in one layer, as --layer-norms shows)")
+    p.add_argument("--layer-norms", action="store_true",
+                   help="log each transformer block's gradient norm per step (and the embedding's, the final "
+                        "norm's, the head's) and draw them as a heatmap (GradClipper(groups=...))")
     p.add_argument("--norm-type", type=float, default=2.0)
     p.add_argument("--overlap", action="store_true",
                    help="take the norm partials during backward (GradClipper(overlap=True))")
@@ -152,8 +162,23 @@ def check_args(args: argparse.Namespace, world: int) -> None:
     longest = args.data.stat().st_size - 2  # a window holds seq_len + 1 tokens (inputs and shifted targets)
     if args.seq_len > longest:
         fail(f"--seq-len must be at most {longest} for data file {args.data}, got {args.seq_len}")
-    if args.inject_spike is not None and not 1 <= args.inject_spike <= args.steps:
-        fail(f"--inject-spike {args.inject_spike} is not a step of this run (1..{args.steps})")
+    args.spike_block = None
+    if args.inject_spike is not None:
+        text = args.inject_spike
+        try:
+            numbers = [int(v) for v in text.split(":")]
+        except ValueError:
+            numbers = []
+        if len(numbers) not in (1, 2):
+            fail(f"--inject-spike wants STEP or STEP:BLOCK, got {text!r}")
+        args.inject_spike, args.spike_block = numbers[0], (numbers[1] if len(numbers) == 2 else None)
+        if not 1 <= args.inject_spike <= args.steps:
+            fail(f"--inject-spike {text} is not a step of this run (1..{args.steps})")
+        if args.spike_block is not None and not 0 <= args.spike_block < args.layers:
+            fail(f"--inject-spike {text}: block {args.spike_block} is not a block of this model (0..{args.layers - 1})")
+    if args.layer_norms and args.parallel == "fsdp1":
+        fail("--layer-norms needs per-parameter gradients, and FSDP1 flattens a unit's parameters into one "
+             "gradient (distclip takes no groups there): use --parallel fsdp2")
     if args.inject_failure is not None:
         try:
             step, rank = (int(v) for v in args.inject_failure.split(":"))
@@ -314,15 +339,46 @@ def parallelize(model: GPT, args, device: torch.device):
     if mesh["dp"].size() > 1:
         fully_shard(stage_module, mesh=mesh["dp"])
     stage = PipelineStage(stage_module, stage_index, 2, device, group=mesh["pp"].get_group())
+    # The loss of each micro-batch is its summed token loss, as everywhere (see train()).
     # scale_grads=False: the schedule's own scaling divides every gradient the stage holds on
     # each step() call, so with --grad-accum it would divide the earlier micro-batches' share
-    # again; train() averages the sum once, at the accumulation boundary.
-    schedule = ScheduleGPipe(stage, n_microbatches=args.microbatches, loss_fn=lm_loss, scale_grads=False)
+    # again; the clipper divides the sum once, by the global token count.
+    loss_fn = functools.partial(summed_token_loss, scale=data_parallel_size(args.parallel, world, args.tp))
+    schedule = ScheduleGPipe(stage, n_microbatches=args.microbatches, loss_fn=loss_fn, scale_grads=False)
     return stage_module, mesh["dp"], schedule
 
 
-def lm_loss(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-    return F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten())
+def summed_token_loss(logits: torch.Tensor, targets: torch.Tensor, scale: float = 1.0) -> torch.Tensor:
+    """The cross-entropy summed over the tokens, times ``scale``."""
+    return F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten(), reduction="sum") * scale
+
+
+def layer_of(name: str, _parameter: torch.Tensor) -> str:
+    """The ``--layer-norms`` row of a parameter, by its name (distclip's: wrapper prefixes
+    removed, so the same under every parallelism): its transformer block (``blocks.3``; a
+    pipeline stage's blocks keep their indices) or its top-level module (``embed`` with the
+    position embedding, ``norm``, ``head``)."""
+    top, _, rest = name.partition(".")
+    if top == "blocks":
+        return f"blocks.{rest.split('.')[0]}"
+    return "embed" if top == "pos" else top
+
+
+def layer_order(name: str) -> tuple[int, int]:
+    """Rows in the model's order: embedding, blocks by index, final norm, head."""
+    if name.startswith("blocks."):
+        return 1, int(name.split(".")[1])
+    return {"embed": 0, "norm": 2, "head": 3}.get(name, 4), 0
+
+
+@torch.no_grad()
+def spike_block_gradients(gpt: GPT, block: int) -> None:
+    """``--inject-spike STEP:BLOCK``: multiply this rank's part of one block's gradients by
+    SPIKE_FACTOR, a spike in one layer (a pipeline stage without the block has nothing to do)."""
+    if str(block) in gpt.blocks:
+        for p in gpt.blocks[str(block)].parameters():
+            if p.grad is not None:
+                p.grad *= SPIKE_FACTOR
 
 
 @contextlib.contextmanager
@@ -387,9 +443,11 @@ def read_checkpoint_state(path: Path) -> dict:
 def load_checkpoint(path: Path, state: dict, model, optimizer, clipper, args: argparse.Namespace) -> int:
     """Restore a checkpoint (``state``: its :func:`read_checkpoint_state`); returns its step.
 
-    The clipper keeps this run's flags and takes the checkpoint's counters, history and policy
-    state (``GradClipper.load_state_dict``); a state that cannot apply (a policy on one side
-    only) ends the job in one line that names both runs' flags."""
+    A checkpoint restores state, not settings: the optimizer takes its moments and step counts
+    under this run's ``--lr`` (DCP's ``set_state_dict`` restores the checkpoint's); the clipper
+    takes the checkpoint's counters, history and policy state under this run's flags
+    (``GradClipper.load_state_dict``); a state that cannot apply (a policy on one side only)
+    ends the job in one line that names both runs' flags."""
     import torch.distributed.checkpoint as dcp
     from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
 
@@ -397,6 +455,8 @@ def load_checkpoint(path: Path, state: dict, model, optimizer, clipper, args: ar
     tensors = {"model": model_state, "optim": optim_state}
     dcp.load(tensors, checkpoint_id=str(path))
     set_state_dict(model, optimizer, model_state_dict=tensors["model"], optim_state_dict=tensors["optim"])
+    for group in optimizer.param_groups:  # set_state_dict restored the checkpoint's lr: this run's --lr applies
+        group["lr"] = args.lr
     try:
         with warnings.catch_warnings():
             if dist.get_rank() != 0:  # every rank would warn the same: rank 0 says it once
@@ -415,8 +475,13 @@ def load_checkpoint(path: Path, state: dict, model, optimizer, clipper, args: ar
 def metrics_line(record: dict) -> str:
     """One line of strict JSON: a non-finite number (the threshold during a policy's warm-up, a
     NaN norm) is null, since ``Infinity`` and ``NaN`` are not JSON and strict readers reject them."""
-    finite = {key: None if isinstance(v, float) and not math.isfinite(v) else v for key, v in record.items()}
-    return json.dumps(finite, allow_nan=False) + "\n"
+    return json.dumps(_finite_or_null(record), allow_nan=False) + "\n"
+
+
+def _finite_or_null(value):
+    if isinstance(value, dict):  # the layer norms
+        return {key: _finite_or_null(v) for key, v in value.items()}
+    return None if isinstance(value, float) and not math.isfinite(value) else value
 
 
 def open_metrics(path: Path, start: int):
@@ -460,19 +525,26 @@ def train(args: argparse.Namespace) -> None:
     rank, world = dist.get_rank(), dist.get_world_size()
     data = TokenStream(args.data, args.seq_len, args.seed)
     torch.manual_seed(args.seed)  # identical weights everywhere, before any sharding
-    model = GPT(data.vocab_size, args.dim, args.layers, args.heads, args.seq_len).to(device)
-    model, replica_group, schedule = parallelize(model, args, device)
+    gpt = GPT(data.vocab_size, args.dim, args.layers, args.heads, args.seq_len).to(device)
+    model, replica_group, schedule = parallelize(gpt, args, device)  # gpt: the GPT inside (under pp: its stage)
     optimizer = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=0.01)
     threshold = {"fixed": lambda: args.max_norm, "zclip": distclip.ZClip, "autoclip": distclip.AutoClip}[args.clip]()
     clipper = distclip.GradClipper(
         model, max_norm=threshold, norm_type=args.norm_type, replica_group=replica_group,
         skip_spikes=distclip.SpikeSkip() if args.skip_spikes else None, overlap=args.overlap,
+        groups=layer_of if args.layer_norms else None,
+        divide_by="tokens",  # the gradients are of summed token losses, divided by the global count
     )
     start = 0 if args.resume is None else load_checkpoint(args.resume, args.checkpoint, model, optimizer, clipper, args)
 
     dp = data_parallel_size(args.parallel, world, args.tp)
     dp_rank = replica_group.get_local_rank() if replica_group is not None else (
         rank // args.tp if args.parallel == "fsdp2+tp" else rank)
+    first_stage = schedule is not None and rank < world // 2  # mesh (pp, dp): stage 0 holds the first ranks
+    # The ranks whose tokens count towards the global loss and token count: every rank holds its
+    # own share of the batch, except that the tp ranks of one dp rank hold the same share (the
+    # first counts it) and only the last pipeline stage has the loss.
+    counts_tokens = not first_stage and (args.parallel != "fsdp2+tp" or rank % args.tp == 0)
     per_rank = args.global_batch // dp
     micro = per_rank // args.grad_accum
     autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=args.dtype == "bf16")
@@ -491,46 +563,61 @@ def train(args: argparse.Namespace) -> None:
         inputs = inputs[dp_rank * per_rank : (dp_rank + 1) * per_rank].to(device)
         targets = targets[dp_rank * per_rank : (dp_rank + 1) * per_rank].to(device)
         optimizer.zero_grad(set_to_none=True)
-        loss_sum = torch.zeros((), device=device)
-        spike = SPIKE_FACTOR if args.inject_spike == step + 1 else 1.0
+        loss_sum = torch.zeros((), device=device)  # this rank's summed token loss
+        spike = SPIKE_FACTOR if args.inject_spike == step + 1 and args.spike_block is None else 1.0
         for i in range(args.grad_accum):
             x, y = inputs[i * micro : (i + 1) * micro], targets[i * micro : (i + 1) * micro]
             with autocast:
                 if schedule is not None:  # the pipeline runs forward and backward itself
                     losses = []
-                    first_stage = rank < world // 2  # mesh (pp, dp): stage 0 holds the first ranks
                     schedule.step(*([x] if first_stage else []), target=None if first_stage else y, losses=losses)
-                    loss = torch.stack(losses).mean() * spike if losses else None
+                    if losses:  # the last stage: each micro-batch's summed_token_loss, times dp
+                        loss_sum += torch.stack(losses).detach().sum() / dp
                 else:
                     with gradient_sync(model, i == args.grad_accum - 1):
-                        loss = lm_loss(model(x), y) * spike
-                        (loss / args.grad_accum).backward()
-            if loss is not None:  # the first pipeline stage has none
-                loss_sum += loss.detach() / args.grad_accum
-        if schedule is not None:
-            # The schedule owns backward and summed the gradients of all grad_accum x microbatches
-            # pipeline micro-batches: divide once to their mean, as the others, and inject the spike.
-            scale = spike / (args.grad_accum * args.microbatches)
+                        loss = summed_token_loss(model(x), y, scale=spike)
+                        # Times dp: DDP and FSDP average the gradients over the data-parallel
+                        # ranks, and their sum is wanted (the clipper divides by the token count).
+                        (loss * dp).backward()
+                    loss_sum += loss.detach()
+        if schedule is not None and spike != 1.0:  # the schedule ran backward: spike its result
+            loss_sum *= spike
             for p in model.parameters():
                 if p.grad is not None:
-                    p.grad *= scale
+                    p.grad *= spike
+        if args.inject_spike == step + 1 and args.spike_block is not None:
+            spike_block_gradients(gpt, args.spike_block)
         if args.inject_failure == (step + 1, rank):
             raise RuntimeError(f"injected failure on rank {rank} at step {step + 1}, between backward and clip")
-        # One all-reduce: every element counted once, the same coefficient everywhere, and the
-        # mean loss over the ranks holding one (all, or the last pipeline stage's).
-        has_loss = schedule is None or rank >= world // 2
-        result = clipper.clip_(loss=loss_sum if has_loss else None)
+        # One all-reduce: every element counted once, the same coefficient everywhere, the global
+        # token count the gradients are divided by (divide_by="tokens"), the summed loss, and the
+        # mean of the ranks' token-mean losses for SpikeSkip (the global token mean too, since
+        # every rank holds as many tokens).  Ranks that count no tokens pass none of them.
+        metrics = loss = None
+        if counts_tokens:
+            tokens = targets.numel()
+            metrics = {"tokens": distclip.Sum(torch.full((), tokens, dtype=torch.float64, device=device)),
+                       "loss_sum": distclip.Sum(loss_sum)}
+            loss = loss_sum / tokens
+        result = clipper.clip_(loss=loss, metrics=metrics)
         skipped = bool(result.skipped)  # read for the log anyway
         if not skipped:  # a skipped step leaves parameters and optimizer state alone
             optimizer.step()
 
-        loss_value, norm, coef = result.loss.item(), result.total_norm.item(), result.coef.item()
+        loss_value = (result.metrics["loss_sum"] / result.metrics["tokens"]).item()  # the global token mean
+        # result.coef also divides by the token count (divide_by), except on a step left as it is.
+        coef = (result.coef if skipped else result.coef * result.metrics["tokens"]).item()  # the clip's factor
+        norm = result.total_norm.item()
         elapsed = time.perf_counter() - began
         tokens_per_s = args.global_batch * args.seq_len / elapsed
         if rank == 0:
             record = {"step": step + 1, "loss": loss_value, "grad_norm": norm, "coef": coef,
                       "clipped_norm": None if skipped else norm * coef, "max_norm": result.max_norm.item(), "skipped": skipped,
-                      "tokens_per_s": tokens_per_s}
+                      "lr": optimizer.param_groups[0]["lr"], "tokens_per_s": tokens_per_s}
+            if args.layer_norms:  # every block's norm, read from the same all-reduce (all stages)
+                layers = sorted(result.all_group_norms.items(), key=lambda item: layer_order(item[0]))
+                record["layer_norms"] = dict(zip((name for name, _ in layers),
+                                                 torch.stack([value for _, value in layers]).tolist()))
             log.write(metrics_line(record))
             log.flush()
             if progress is not None:
@@ -546,7 +633,9 @@ def train(args: argparse.Namespace) -> None:
         if clipper.backward_partials is not None:
             partials = clipper.backward_partials
             print(f"overlap: partials from backward on {partials.steps_used} of {args.steps - start} steps "
-                  f"({partials.steps_fallen_back} fell back to the normal pass)", flush=True)
+                  f"({partials.steps_fallen_back} fell back to the normal pass, a gradient having changed after "
+                  f"its hook; {partials.steps_unproven} took it unproven, a gradient having copies no hook sees "
+                  f"agree; the rest ran before a plan existed)", flush=True)
         plot(args.out / "metrics.jsonl", args.out / "metrics.png")
         print(f"metrics: {args.out / 'metrics.jsonl'}  plot: {args.out / 'metrics.png'}", flush=True)
     dist.barrier()
@@ -554,6 +643,8 @@ def train(args: argparse.Namespace) -> None:
 
 
 def plot(metrics: Path, png: Path) -> None:
+    """Loss; pre- and post-clip norm with the threshold and skipped steps; under them, with
+    ``--layer-norms``, the heatmap of every layer's pre-clip norm (layers x steps, log colours)."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -565,9 +656,15 @@ def plot(metrics: Path, png: Path) -> None:
     def values(key: str, rows: list[dict] = rows) -> list[float]:  # null (non-finite) is not drawn
         return [math.nan if r.get(key) is None else r[key] for r in rows]
 
-    fig, (left, right) = plt.subplots(1, 2, figsize=(11, 4))
+    layers = sorted({name for r in rows for name in r.get("layer_norms") or {}}, key=layer_order)
+    if layers:
+        fig = plt.figure(figsize=(11, 4 + 0.25 * len(layers) + 1.5))
+        grid = fig.add_gridspec(2, 2, height_ratios=[4, 0.25 * len(layers) + 1.5])
+        left, right, heat = fig.add_subplot(grid[0, 0]), fig.add_subplot(grid[0, 1]), fig.add_subplot(grid[1, :])
+    else:
+        fig, (left, right) = plt.subplots(1, 2, figsize=(11, 4))
     left.plot(steps, values("loss"))
-    left.set(title="loss", xlabel="step", ylabel="cross-entropy (nats)")
+    left.set(title="loss (global token mean)", xlabel="step", ylabel="cross-entropy (nats)")
     right.plot(steps, values("grad_norm"), label="pre-clip norm")
     right.plot(steps, values("clipped_norm"), label="post-clip norm")
     right.plot(steps, values("max_norm"), color="k", linestyle="--", linewidth=1, label="threshold (max_norm)")
@@ -578,9 +675,36 @@ def plot(metrics: Path, png: Path) -> None:
         left.scatter(values("step", skipped), values("loss", skipped), color="red", marker="x", zorder=3)
     right.set(title="global gradient norm", xlabel="step", yscale="log")
     right.legend()
+    if layers:
+        layer_heatmap(fig, heat, rows, layers)
     fig.tight_layout()
     fig.savefig(png, dpi=100)
     plt.close(fig)
+
+
+def layer_heatmap(fig, ax, rows: list[dict], layers: list[str]) -> None:
+    """One row per layer, one column per step, the colour the layer's pre-clip gradient norm on
+    a log scale: a spike in one layer is one bright cell.  Steps logged without layer norms, and
+    non-finite or zero norms, stay blank."""
+    import numpy as np
+    from matplotlib.colors import LogNorm
+
+    grid = np.full((len(layers), len(rows)), np.nan)
+    for column, record in enumerate(rows):
+        for row, name in enumerate(layers):
+            value = (record.get("layer_norms") or {}).get(name)
+            if value is not None and value > 0:
+                grid[row, column] = value
+    shown = grid[np.isfinite(grid)]
+    norm = LogNorm(vmin=shown.min(), vmax=shown.max()) if shown.size else None
+    steps = [r["step"] for r in rows]
+    # Cell edges half-way between logged steps (a resumed run's steps are consecutive anyway).
+    edges = np.concatenate([[steps[0] - 0.5], (np.array(steps[:-1]) + np.array(steps[1:])) / 2, [steps[-1] + 0.5]])
+    mesh = ax.pcolormesh(edges, np.arange(len(layers) + 1), np.ma.masked_invalid(grid), norm=norm, cmap="viridis")
+    ax.set_yticks(np.arange(len(layers)) + 0.5, layers)
+    ax.invert_yaxis()  # the embedding on top, the head at the bottom, as the model runs
+    ax.set(title="gradient norm per layer (pre-clip)", xlabel="step", ylabel="layer")
+    fig.colorbar(mesh, ax=ax, label="gradient norm (log scale)", pad=0.01)
 
 
 if __name__ == "__main__":

@@ -3,6 +3,7 @@ that every element is counted once), resume continues it, bad input fails in one
 
 import importlib.util
 import json
+import math
 import os
 import socket
 import subprocess
@@ -11,11 +12,14 @@ import time
 from pathlib import Path
 
 import pytest
+import torch
+import torch.nn.functional as F
 
 from torchrun import run_torchrun
 
 TRAIN = Path(__file__).resolve().parent.parent / "launch" / "train.py"
 TINY = ["--steps", "3", "--dim", "32", "--layers", "2", "--seq-len", "32", "--global-batch", "8", "--no-progress"]
+LAYER_NORMS = ["--layer-norms"]  # the agreement runs log per-layer norms too (not FSDP1: it takes no groups)
 
 
 def _torchrun(nproc, *args, cwd):
@@ -26,13 +30,14 @@ def _history(out: Path, key="grad_norm"):
     return [json.loads(line)[key] for line in (out / "metrics.jsonl").read_text().splitlines()]
 
 
-def _train(nproc, *args):
-    """``make`` for ``once``: a run of train.py with ``args`` in the given directory."""
+def _train(nproc, *args, output=False):
+    """``make`` for ``once``: a run of train.py with ``args`` in the given directory; with
+    ``output``, (directory, stdout, stderr)."""
 
-    def make(out: Path) -> str:
+    def make(out: Path):
         result = _torchrun(nproc, *args, "--out", str(out), cwd=out)
         assert result.returncode == 0, result.stderr[-3000:]
-        return str(out)
+        return (str(out), result.stdout, result.stderr) if output else str(out)
 
     return make
 
@@ -41,34 +46,93 @@ def _train(nproc, *args):
 
 
 @pytest.fixture(scope="module")
-def ddp_history(once):
-    return _history(Path(once("train-ddp", _train(2, *TINY))))
+def ddp_run(once):
+    return Path(once("train-ddp", _train(2, *TINY, *LAYER_NORMS)))
+
+
+@pytest.fixture(scope="module")
+def ddp_history(ddp_run):
+    return _history(ddp_run)
+
+
+FSDP2 = [*TINY, *LAYER_NORMS, "--parallel", "fsdp2"]
 
 
 @pytest.fixture(scope="module")
 def fsdp2_run(once):
-    """An FSDP2 run that also checkpoints at step 2: the agreement and the resume test share it."""
-    return Path(once("train-fsdp2", _train(2, *TINY, "--parallel", "fsdp2", "--save-every", "2")))
+    """An FSDP2 run that also checkpoints at step 2: the agreement and the resume tests share it."""
+    return Path(once("train-fsdp2", _train(2, *FSDP2, "--save-every", "2")))
 
 
-# HSDP runs with --overlap (partials taken during backward): the history must not change, and
-# every step after the first takes its partials from backward.  (Without overlap HSDP runs in the
-# two-node test below.)
+# HSDP and fsdp2+tp run with --overlap (partials taken during backward): the history must not
+# change.  HSDP takes its partials from backward on every step after the first; fsdp2+tp on none,
+# and its line says why: its LayerNorms are copied over tp, outside their FSDP mesh, where no
+# hook sees the copies agree.  (Without overlap HSDP runs in the two-node test below.)
+OVERLAP_LINES = {
+    "hsdp": "overlap: partials from backward on 2 of 3 steps (0 fell back to the normal pass, a gradient having "
+            "changed after its hook; 0 took it unproven",
+    "fsdp2+tp": "overlap: partials from backward on 0 of 3 steps (0 fell back to the normal pass, a gradient having "
+                "changed after its hook; 3 took it unproven, a gradient having copies no hook sees agree",
+}
+
+
+@pytest.fixture(scope="module")
+def parallel_run(once, request):
+    """``parallel_run(name)``: (directory, stdout) of the 3-step run under that parallelism,
+    launched once for the tests that check it."""
+
+    def get(parallel: str) -> tuple[Path, str]:
+        if parallel == "fsdp2":
+            return request.getfixturevalue("fsdp2_run"), ""
+        flags = ([] if parallel == "fsdp1" else LAYER_NORMS) + (["--overlap"] if parallel in OVERLAP_LINES else [])
+        out, stdout, _ = once(f"train-{parallel}", _train(2, *TINY, *flags, "--parallel", parallel, output=True))
+        return Path(out), stdout
+
+    return get
+
+
 @pytest.mark.parametrize("parallel", ["fsdp2", "hsdp", "fsdp2+tp", "pp", "fsdp1"])
-def test_every_parallelism_agrees_with_ddp_on_the_grad_norm_history(parallel, ddp_history, tmp_path, request):
-    if parallel == "fsdp2":
-        out = request.getfixturevalue("fsdp2_run")
-    else:
-        out = tmp_path
-        overlap = ["--overlap"] if parallel == "hsdp" else []
-        result = _torchrun(2, *TINY, "--parallel", parallel, *overlap, "--out", str(out), cwd=out)
-        assert result.returncode == 0, result.stderr[-3000:]
-        if overlap:
-            assert "overlap: partials from backward on 2 of 3 steps (0 fell back" in result.stdout, result.stdout[-2000:]
-    history = _history(out)
+def test_every_parallelism_agrees_with_ddp_on_the_grad_norm_history(parallel, ddp_history, parallel_run):
+    history = _history(parallel_run(parallel)[0])
     assert len(history) == len(ddp_history) == 3
     for ours, reference in zip(history, ddp_history):
         assert abs(ours - reference) <= 1e-4 * reference, (parallel, history, ddp_history)
+
+
+@pytest.mark.parametrize("parallel", ["fsdp2", "hsdp", "fsdp2+tp", "pp"])
+def test_every_parallelism_agrees_with_ddp_on_every_layers_norm(parallel, ddp_run, parallel_run):
+    # The same rows under every parallelism (names without wrapper prefixes; under pp each stage
+    # holds half of them), with the same values: shards summed, copies counted once.
+    ours, reference = _history(parallel_run(parallel)[0], "layer_norms"), _history(ddp_run, "layer_norms")
+    assert list(reference[0]) == ["embed", "blocks.0", "blocks.1", "norm", "head"]
+    for step, (mine, theirs) in enumerate(zip(ours, reference, strict=True), 1):
+        assert list(mine) == list(theirs), (parallel, step, mine)
+        assert mine == pytest.approx(theirs, rel=1e-4), (parallel, step, mine, theirs)
+
+
+@pytest.mark.parametrize("parallel", sorted(OVERLAP_LINES))
+def test_overlap_says_on_how_many_steps_partials_came_from_backward_and_why_not(parallel, parallel_run):
+    stdout = parallel_run(parallel)[1]
+    assert OVERLAP_LINES[parallel] in stdout, stdout[-2000:]
+
+
+def test_the_first_steps_loss_and_norms_are_those_of_the_global_batchs_token_mean(train_script, ddp_run):
+    """Each rank backpropagates its summed token loss and the clipper divides by the global token
+    count: with every rank holding as many tokens, the gradients of a plain mean over the whole
+    global batch (float64, one process, the same initial weights)."""
+    torch.manual_seed(0)  # train.py's --seed, before the model is built
+    model = train_script.GPT(256, dim=32, layers=2, heads=4, seq_len=32).double()
+    inputs, targets = train_script.TokenStream(train_script.DEFAULT_DATA, seq_len=32, seed=0).global_batch(0, 8)
+    loss = F.cross_entropy(model(inputs).flatten(0, 1), targets.flatten())
+    loss.backward()
+    squares: dict[str, float] = {}
+    for name, p in model.named_parameters():
+        layer = train_script.layer_of(name, p)
+        squares[layer] = squares.get(layer, 0.0) + p.grad.square().sum().item()
+    logged = json.loads((ddp_run / "metrics.jsonl").read_text().splitlines()[0])
+    assert logged["loss"] == pytest.approx(loss.item(), rel=1e-6)
+    assert logged["grad_norm"] == pytest.approx(math.sqrt(sum(squares.values())), rel=1e-5)
+    assert logged["layer_norms"] == pytest.approx({layer: math.sqrt(v) for layer, v in squares.items()}, rel=1e-5)
 
 
 # pp: the pipeline schedule runs backward itself, so its accumulation is train.py's own code.
@@ -79,25 +143,49 @@ def test_gradient_accumulation_clips_once_per_step_with_the_same_norms(parallel,
     assert _history(tmp_path) == pytest.approx(ddp_history, rel=1e-4)
 
 
-def test_resume_into_the_crashed_runs_out_logs_each_step_once(fsdp2_run, tmp_path):
-    # The crashed run logged steps 1-3 after its checkpoint at 2 and died writing step 4's line.
-    logged = (fsdp2_run / "metrics.jsonl").read_text()
-    (tmp_path / "metrics.jsonl").write_text(logged + '{"step": 4, "lo')
-    resumed = _torchrun(2, *TINY, "--parallel", "fsdp2", "--resume", str(fsdp2_run / "step_2"),
-                        "--out", str(tmp_path), cwd=tmp_path)
-    assert resumed.returncode == 0, resumed.stderr[-3000:]
-    assert _history(tmp_path, "step") == [1, 2, 3]
-    assert _history(tmp_path) == _history(fsdp2_run)  # step 3 recomputed: the same history
-    assert (tmp_path / "metrics.png").stat().st_size > 0
+@pytest.fixture(scope="module")
+def fsdp2_resumed(once, fsdp2_run):
+    """The FSDP2 run resumed from its step-2 checkpoint into the out of a run that crashed after
+    logging steps 1-3 and part of step 4, with a new --lr and --max-norm: (out, stderr)."""
+
+    def make(out: Path):
+        logged = (fsdp2_run / "metrics.jsonl").read_text()
+        (out / "metrics.jsonl").write_text(logged + '{"step": 4, "lo')
+        return _train(2, *FSDP2, "--resume", str(fsdp2_run / "step_2"), "--lr", "0.001", "--max-norm", "0.05",
+                      output=True)(out)
+
+    out, _, stderr = once("train-fsdp2-resumed", make)
+    return Path(out), stderr
 
 
-SPIKY = [*TINY[:-1], "--steps", "32", "--clip", "autoclip", "--skip-spikes", "--inject-spike", "30"]
+def test_resume_into_the_crashed_runs_out_logs_each_step_once(fsdp2_run, fsdp2_resumed):
+    out, _ = fsdp2_resumed
+    assert _history(out, "step") == [1, 2, 3]
+    # Step 3 recomputed: the same pre-clip norms (its new --lr and --max-norm act after them).
+    assert _history(out) == _history(fsdp2_run)
+    assert _history(out, "layer_norms") == _history(fsdp2_run, "layer_norms")
+    assert (out / "metrics.png").stat().st_size > 0
+
+
+def test_resume_applies_this_runs_lr_to_the_checkpoints_optimizer_state(fsdp2_resumed):
+    # DCP's set_state_dict restores the checkpoint's param groups, lr included; --lr wins.
+    assert _history(fsdp2_resumed[0], "lr") == [3e-3, 3e-3, 1e-3]
+
+
+def test_resume_clips_with_this_runs_max_norm_and_warns_naming_both(fsdp2_resumed):
+    out, stderr = fsdp2_resumed
+    assert _history(out, "max_norm") == pytest.approx([1.0, 1.0, 0.05])  # float32
+    assert _history(out, "clipped_norm")[2] == pytest.approx(0.05, rel=1e-4)
+    assert "keeping this clipper's max_norm=0.05 (the checkpoint has 1.0)" in stderr, stderr[-3000:]
+
+
+SPIKY = [*TINY[:-1], "--steps", "32", "--clip", "autoclip", "--skip-spikes", "--inject-spike", "30:1", "--layer-norms"]
 
 
 @pytest.fixture(scope="module")
 def spiky_run(once):
-    """AutoClip (warm-up 25) with spike skipping (min_history 20) and a spike injected at 30,
-    checkpointed at 28."""
+    """AutoClip (warm-up 25) with spike skipping (min_history 20) and a spike in block 1's
+    gradients at step 30, checkpointed at 28."""
     return Path(once("train-spiky", _train(2, *SPIKY, "--save-every", "28")))
 
 
@@ -107,9 +195,18 @@ def test_injected_spike_is_skipped_and_the_threshold_adapts(spiky_run):
     assert all(t is None for t in thresholds[:24]), thresholds[:24]  # warm-up: no threshold
     norms = _history(spiky_run, "grad_norm")
     assert all(0 < t < max(norms[:29]) * 1.5 for t in thresholds[24:]), thresholds[24:]
-    losses = _history(spiky_run, "loss")
-    assert losses[29] > 20 * max(losses[25:29]), losses[25:31]  # the clipper's global mean loss
     assert (spiky_run / "metrics.png").stat().st_size > 0
+
+
+def test_the_layer_norms_show_which_layer_spiked(spiky_run):
+    layers = _history(spiky_run, "layer_norms")
+    before, spike = layers[24:29], layers[29]  # steps 25-29, step 30
+    for name in spike:
+        usual = max(step[name] for step in before)
+        if name == "blocks.1":
+            assert spike[name] > 20 * usual, (name, spike[name], usual)
+        else:
+            assert spike[name] < 3 * usual, (name, spike[name], usual)
 
 
 def test_resume_restores_the_threshold_and_spike_windows(spiky_run, tmp_path):
@@ -201,6 +298,10 @@ BAD_ARGUMENTS = [
     (["--data", "missing.txt"], "data file missing.txt does not exist"),
     (["--inject-spike", "0"], "--inject-spike 0 is not a step of this run (1..300)"),
     (["--steps", "3", "--inject-spike", "4"], "--inject-spike 4 is not a step of this run (1..3)"),
+    (["--inject-spike", "3:x"], "--inject-spike wants STEP or STEP:BLOCK, got '3:x'"),
+    (["--inject-spike", "3:1:0"], "--inject-spike wants STEP or STEP:BLOCK, got '3:1:0'"),
+    (["--layers", "2", "--inject-spike", "3:2"], "--inject-spike 3:2: block 2 is not a block of this model (0..1)"),
+    (["--parallel", "fsdp1", "--layer-norms"], "--layer-norms needs per-parameter gradients, and FSDP1 flattens"),
     (["--inject-failure", "2"], "--inject-failure wants STEP:RANK"),
     (["--steps", "3", "--inject-failure", "4:0"], "needs STEP in 1..3 and RANK in 0..1"),
     (["--inject-failure", "1:2"], "needs STEP in 1..300 and RANK in 0..1"),
@@ -217,6 +318,10 @@ def test_a_bad_argument_is_one_line_naming_it_and_exit_status_2(train_script, wo
 
 def test_good_arguments_pass_the_checks(train_script, world_of_2):
     assert train_script.parse_args([*TINY, "--parallel", "pp", "--grad-accum", "2"]).grad_accum == 2
+    args = train_script.parse_args([*TINY, "--inject-spike", "3:1"])
+    assert (args.inject_spike, args.spike_block) == (3, 1)
+    args = train_script.parse_args([*TINY, "--inject-spike", "3"])
+    assert (args.inject_spike, args.spike_block) == (3, None)
 
 
 def test_a_checkpoint_without_its_state_file_is_one_line(train_script, world_of_2, tmp_path, capsys):
