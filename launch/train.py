@@ -176,9 +176,6 @@ def check_args(args: argparse.Namespace, world: int) -> None:
             fail(f"--inject-spike {text} is not a step of this run (1..{args.steps})")
         if args.spike_block is not None and not 0 <= args.spike_block < args.layers:
             fail(f"--inject-spike {text}: block {args.spike_block} is not a block of this model (0..{args.layers - 1})")
-    if args.layer_norms and args.parallel == "fsdp1":
-        fail("--layer-norms needs per-parameter gradients, and FSDP1 flattens a unit's parameters into one "
-             "gradient (distclip takes no groups there): use --parallel fsdp2")
     if args.inject_failure is not None:
         try:
             step, rank = (int(v) for v in args.inject_failure.split(":"))

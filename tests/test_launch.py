@@ -19,7 +19,7 @@ from torchrun import run_torchrun
 
 TRAIN = Path(__file__).resolve().parent.parent / "launch" / "train.py"
 TINY = ["--steps", "3", "--dim", "32", "--layers", "2", "--seq-len", "32", "--global-batch", "8", "--no-progress"]
-LAYER_NORMS = ["--layer-norms"]  # the agreement runs log per-layer norms too (not FSDP1: it takes no groups)
+LAYER_NORMS = ["--layer-norms"]  # the agreement runs log per-layer norms too
 
 
 def _torchrun(nproc, *args, cwd):
@@ -84,7 +84,7 @@ def parallel_run(once, request):
     def get(parallel: str) -> tuple[Path, str]:
         if parallel == "fsdp2":
             return request.getfixturevalue("fsdp2_run"), ""
-        flags = ([] if parallel == "fsdp1" else LAYER_NORMS) + (["--overlap"] if parallel in OVERLAP_LINES else [])
+        flags = LAYER_NORMS + (["--overlap"] if parallel in OVERLAP_LINES else [])
         out, stdout, _ = once(f"train-{parallel}", _train(2, *TINY, *flags, "--parallel", parallel, output=True))
         return Path(out), stdout
 
@@ -99,7 +99,7 @@ def test_every_parallelism_agrees_with_ddp_on_the_grad_norm_history(parallel, dd
         assert abs(ours - reference) <= 1e-4 * reference, (parallel, history, ddp_history)
 
 
-@pytest.mark.parametrize("parallel", ["fsdp2", "hsdp", "fsdp2+tp", "pp"])
+@pytest.mark.parametrize("parallel", ["fsdp2", "hsdp", "fsdp2+tp", "pp", "fsdp1"])
 def test_every_parallelism_agrees_with_ddp_on_every_layers_norm(parallel, ddp_run, parallel_run):
     # The same rows under every parallelism (names without wrapper prefixes; under pp each stage
     # holds half of them), with the same values: shards summed, copies counted once.
@@ -301,7 +301,6 @@ BAD_ARGUMENTS = [
     (["--inject-spike", "3:x"], "--inject-spike wants STEP or STEP:BLOCK, got '3:x'"),
     (["--inject-spike", "3:1:0"], "--inject-spike wants STEP or STEP:BLOCK, got '3:1:0'"),
     (["--layers", "2", "--inject-spike", "3:2"], "--inject-spike 3:2: block 2 is not a block of this model (0..1)"),
-    (["--parallel", "fsdp1", "--layer-norms"], "--layer-norms needs per-parameter gradients, and FSDP1 flattens"),
     (["--inject-failure", "2"], "--inject-failure wants STEP:RANK"),
     (["--steps", "3", "--inject-failure", "4:0"], "needs STEP in 1..3 and RANK in 0..1"),
     (["--inject-failure", "1:2"], "needs STEP in 1..300 and RANK in 0..1"),
