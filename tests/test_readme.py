@@ -1,4 +1,5 @@
-"""Every README snippet marked with a ``# torchrun --nproc-per-node=N file.py`` line runs.
+"""Every snippet of the README and of docs/ marked with a ``# torchrun --nproc-per-node=N file.py``
+line runs, and every relative link in them leads to a file (and heading) that exists.
 
 The snippets of one world size run one after another in one ``torchrun`` launch
 (``scripts_runner.py``), each from a fresh namespace with its own process group, and the launch
@@ -14,20 +15,54 @@ import pytest
 
 from torchrun import run_torchrun
 
-README = Path(__file__).resolve().parent.parent / "README.md"
+ROOT = Path(__file__).resolve().parent.parent
+PAGES = [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]
 RUNNER = Path(__file__).resolve().parent / "scripts_runner.py"
 SNIPPET = re.compile(r"```python\n# torchrun --nproc-per-node=(\d+) (\S+)\n(.*?)```", re.S)
+LINK = re.compile(r"\]\(([^)\s]+)\)")
 INTEGRATIONS = {"lightning_clip.py": "lightning", "accelerate_clip.py": "accelerate", "torchtitan_clip.py": "torchtitan"}
 OWN_LAUNCH = {"lightning_clip.py", "accelerate_clip.py"}
-SNIPPETS = {name: (int(n), code) for n, name, code in SNIPPET.findall(README.read_text())}
+FOUND = [(name, int(n), code, page) for page in PAGES for n, name, code in SNIPPET.findall(page.read_text())]
+SNIPPETS = {name: (n, code) for name, n, code, _ in FOUND}
 
 
-def test_readme_has_a_snippet_per_parallelism():
+def test_snippet_file_names_are_unique():
+    assert len(SNIPPETS) == len(FOUND), sorted(name for name, *_ in FOUND)
+
+
+def _anchors(page: Path) -> set[str]:
+    """GitHub's anchors of a page's headings: lower case, punctuation but - and _ dropped,
+    spaces to -."""
+    headings = re.findall(r"^#+ (.+)$", page.read_text(), re.M)
+    return {re.sub(r"[^\w\- ]", "", h.strip().lower()).replace(" ", "-") for h in headings}
+
+
+@pytest.mark.parametrize("page", PAGES, ids=lambda p: str(p.relative_to(ROOT)))
+def test_every_relative_link_leads_somewhere(page):
+    broken = []
+    for target in LINK.findall(page.read_text()):
+        if "://" in target or target.startswith("mailto:"):
+            continue
+        path, _, anchor = target.partition("#")
+        linked = page if not path else (page.parent / path).resolve()
+        if not linked.exists():
+            broken.append(target)
+        elif anchor and linked.suffix == ".md" and anchor not in _anchors(linked):
+            broken.append(target)
+    assert not broken, f"{page.name}: {broken}"
+
+
+def test_the_docs_have_a_snippet_per_parallelism_and_capability():
     assert {"ddp.py", "fsdp2.py", "hsdp.py", "fsdp_tp.py", "pipeline.py", "experts.py", "fsdp1.py", "offload.py", "copies.py", "megatron.py",
-            "zclip.py", "autoclip.py", "spikes.py", "overlap.py"} <= set(SNIPPETS)
+            "zclip.py", "autoclip.py", "spikes.py", "overlap.py", "quickstart.py", "loop_quickstart.py", "loop.py",
+            "layer_norms.py", "token_weighted.py"} <= set(SNIPPETS)
 
 
-def test_readme_has_a_snippet_per_integration():
+def test_the_readme_is_a_front_door():
+    assert len((ROOT / "README.md").read_text().splitlines()) <= 300
+
+
+def test_the_docs_have_a_snippet_per_integration():
     assert {"lightning_clip.py", "accelerate_clip.py", "torchtitan_clip.py"} <= set(SNIPPETS)
 
 
