@@ -98,7 +98,10 @@ class RankFailure(AssertionError):
 # interpreter costs each rank ~2 s of CPU for the imports (a world-4 pool took ~8.6 s to start on
 # the 2-core machine, and a pool restarts after every test whose ranks fail).  The server is
 # single-threaded, so forking it is safe, unlike forking the pytest process.
-PRELOAD = ["torch", "torch.distributed", "torch.distributed.tensor", "torch.distributed.fsdp", "distclip"]
+# torch._inductor is what the profiler (reference.collectives) imports when it first starts:
+# ~2-4 s in every rank process instead of once in the server.
+PRELOAD = ["torch", "torch.distributed", "torch.distributed.tensor", "torch.distributed.fsdp", "distclip",
+           "torch._inductor"]
 
 
 def _context() -> mp.context.BaseContext:

@@ -7,9 +7,11 @@ the same name on every rank, different tensors (pipeline stages, experts) differ
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import math
 import pickle
 import traceback
+from typing import Any, Callable, Iterable
 
 import torch
 import torch.distributed as dist
@@ -28,7 +30,9 @@ def gather_objects(obj) -> list:
     longest = max(int(s) for s in sizes)
     buffers = [torch.empty(longest, dtype=torch.uint8) for _ in sizes]
     dist.all_gather(buffers, torch.cat([payload, payload.new_zeros(longest - payload.numel())]))
-    return [pickle.loads(bytes(b[: int(s)].tolist())) for b, s in zip(buffers, sizes)]
+    # The bytes copied straight out of each buffer: ``bytes(b.tolist())`` made a Python int of
+    # every byte, seconds for the megabytes of a gathered gradient.
+    return [pickle.loads(ctypes.string_at(b.data_ptr(), int(s))) for b, s in zip(buffers, sizes)]
 
 
 def full_grads(named_grads) -> dict[str, torch.Tensor]:
@@ -178,9 +182,38 @@ def clip_and_check(
     return {"norm": total.item().hex(), "dtype": str(total.dtype), "collectives": issued}
 
 
-def assert_same_on_all_ranks(results: list[dict]) -> None:
+def assert_same_on_all_ranks(results: list[dict], case="") -> None:
     """Every rank returned the same norm, bit for bit, from exactly one collective."""
     norms = {r["norm"] for r in results}
-    assert len(norms) == 1, f"norm differs across ranks: {norms}"
+    assert len(norms) == 1, f"{case}norm differs across ranks: {norms}"
     for rank, r in enumerate(results):
-        assert r["collectives"] == ["gloo:all_reduce"], f"rank {rank} issued {r['collectives']}"
+        assert r["collectives"] == ["gloo:all_reduce"], f"{case}rank {rank} issued {r['collectives']}"
+
+
+class CaseFailed(AssertionError):
+    """Which case of :func:`every_case` failed; the failure itself is its ``__cause__``."""
+
+
+def every_case(check: Callable[..., Any], cases: Iterable, *args: Any, **kwargs: Any) -> dict:
+    """Rank side: ``check(case, *args, **kwargs)`` for each case in turn, in ONE task: one round
+    trip to the ranks (and one set-up of the task) instead of one per case.  Returns
+    ``{case: result}``; the first failure stops the task (the ranks could no longer agree on
+    the collectives to come) and is raised as :class:`CaseFailed` naming its case."""
+    results = {}
+    for case in cases:
+        try:
+            results[case] = check(case, *args, **kwargs)
+        except BaseException as error:
+            raise CaseFailed(f"{check.__name__} failed for case {case!r}") from error
+    return results
+
+
+def by_case(per_rank: list[dict]) -> dict[Any, list]:
+    """``every_case``'s results of every rank, as ``{case: [rank 0's result, rank 1's, ...]}``."""
+    return {case: [results[case] for results in per_rank] for case in per_rank[0]}
+
+
+def assert_same_on_all_ranks_in_every_case(per_rank: list[dict]) -> None:
+    """:func:`assert_same_on_all_ranks` for each case of :func:`every_case`'s results."""
+    for case, results in by_case(per_rank).items():
+        assert_same_on_all_ranks(results, case=f"case {case!r}: ")
