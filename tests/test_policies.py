@@ -125,19 +125,20 @@ def _run_sequence(kind: str, policy: dict, spikes: dict | None, nonfinite: str, 
         model, max_norm=max_norm, nonfinite=nonfinite, skip_spikes=distclip.SpikeSkip(**spikes) if spikes else None
     )
     rank = dist.get_rank()
-    x = batch(rank)
-    return [_step(model, clipper, x, step, rank, with_loss) for step in range(STEPS)]
+    # The model does not train: each step's gradients are one backward's times the step's
+    # multiplier, fresh tensors every step as after zero_grad() and a backward.
+    backward(model, batch(rank))
+    first = [p.grad for p in model.parameters()]
+    return [_step(model, clipper, first, step, rank, with_loss) for step in range(STEPS)]
 
 
 # Steps whose collectives are counted (profiling every step would triple the test's time).
 PROFILED_STEPS = (0, 10, 30, NAN_STEP, 40)
 
 
-def _step(model, clipper, x, step, rank, with_loss) -> dict:
-    model.zero_grad()
-    out = model(x)
-    out = out.full_tensor() if hasattr(out, "full_tensor") else out
-    ((out.float() ** 2).mean() * multiplier(step)).backward()
+def _step(model, clipper, first, step, rank, with_loss) -> dict:
+    for param, grad in zip(model.parameters(), first):
+        param.grad = grad * multiplier(step)
     before = [local(p.grad).clone() for p in model.parameters()]
     loss = scripted_loss(dist.get_world_size(), step, rank) if with_loss else None
     with collectives() if step in PROFILED_STEPS else contextlib.nullcontext([]) as issued:
@@ -275,14 +276,15 @@ def _through_a_shift(save_at: int) -> dict:
     before step ``save_at``, clips the steps from ``save_at`` on again.  Both decision lists."""
     torch.manual_seed(0)
     model = DDP(build())
-    x = batch(dist.get_rank())
+    backward(model, batch(dist.get_rank()))
+    first = [p.grad for p in model.parameters()]
 
     def clipper():
         return distclip.GradClipper(model, max_norm=1e3, skip_spikes=distclip.SpikeSkip(**SHIFT_SPIKE_SKIP))
 
     def clip(clipper, step):
-        model.zero_grad()
-        ((model(x).float() ** 2).mean() * shift_multiplier(step)).backward()
+        for param, grad in zip(model.parameters(), first):
+            param.grad = grad * shift_multiplier(step)  # fresh tensors, as after a backward
         result = clipper.clip_()
         return bool(result.skipped), result.total_norm.item().hex()
 
@@ -301,8 +303,14 @@ def _skipped(steps, first=0):
     return [step for step, (skipped, _) in enumerate(steps, start=first) if skipped]
 
 
-def test_spike_skip_skips_a_lone_spike_and_learns_a_lasting_shift_within_a_window(ranks):
-    per_rank = ranks(2).run(_through_a_shift, SAVE_IN_THE_RUN)
+@pytest.fixture(scope="module")
+def through_a_shift(ranks):
+    """Both ranks' decision lists of ``_through_a_shift(SAVE_IN_THE_RUN)`` (two tests read them)."""
+    return ranks(2).run(_through_a_shift, SAVE_IN_THE_RUN)
+
+
+def test_spike_skip_skips_a_lone_spike_and_learns_a_lasting_shift_within_a_window(through_a_shift):
+    per_rank = through_a_shift
     assert per_rank[0]["uninterrupted"] == per_rank[1]["uninterrupted"], "ranks disagree on a norm or a skip"
     skipped = _skipped(per_rank[0]["uninterrupted"])
     reference = SpikeSkipReference(**SHIFT_SPIKE_SKIP)
@@ -312,9 +320,9 @@ def test_spike_skip_skips_a_lone_spike_and_learns_a_lasting_shift_within_a_windo
     assert skipped == [20, SHIFT_AT, SHIFT_AT + 1, SHIFT_AT + 2, SHIFT_AT + 3]
 
 
-def test_a_run_resumed_in_a_spike_run_makes_the_uninterrupted_decisions(ranks):
+def test_a_run_resumed_in_a_spike_run_makes_the_uninterrupted_decisions(through_a_shift):
     # Saved after two spikes of the shift: the run length (2 of burst 3) is state too.
-    for result in ranks(2).run(_through_a_shift, SAVE_IN_THE_RUN):
+    for result in through_a_shift:
         assert result["resumed"] == result["uninterrupted"][SAVE_IN_THE_RUN:]
         assert _skipped(result["resumed"], SAVE_IN_THE_RUN) == [SAVE_IN_THE_RUN, SAVE_IN_THE_RUN + 1]
 
