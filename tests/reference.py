@@ -210,6 +210,26 @@ def clip_and_check(
     return {"norm": total.item().hex(), "dtype": str(total.dtype), "collectives": issued}
 
 
+def clip_and_check_each(named_parameters, norm_types, **kwargs) -> dict:
+    """:func:`clip_and_check` for each p of ``norm_types``, all from the same gradients (saved
+    once and copied back in place before each p, as each p clips them): the model is built,
+    wrapped and stepped once for them all.  ``{p: result}``, a failure naming its p."""
+    named_parameters = list(named_parameters)
+    grads = [p.grad for _, p in named_parameters if p.grad is not None]
+    saved = [_local(grad).clone() for grad in grads]
+
+    def from_the_same_gradients(norm_type):
+        for grad, values in zip(grads, saved):
+            _local(grad).copy_(values)
+        return clip_and_check(named_parameters, norm_type, **kwargs)
+
+    return every_case(from_the_same_gradients, norm_types)
+
+
+def _local(grad: torch.Tensor) -> torch.Tensor:
+    return grad.to_local() if isinstance(grad, DTensor) else grad
+
+
 def assert_same_on_all_ranks(results: list[dict], case="") -> None:
     """Every rank returned the same norm, bit for bit, from exactly one collective."""
     norms = {r["norm"] for r in results}
