@@ -16,7 +16,7 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 
 import distclip
 from models import backward, batch, build, local, wrap
-from reference import NoHostSync, clipper_step, collectives
+from reference import NoHostSync, by_case, clipper_step, collectives, every_case
 
 # --------------------------------------------------------------------------- float64 references
 
@@ -388,7 +388,8 @@ def _optimizer_state(optimizer):
     return {f"{id(p)}.{k}": _bits(v) for p, s in optimizer.state.items() for k, v in s.items() if torch.is_tensor(v)}
 
 
-def _skipped_step_changes_nothing(optimizer_name, fused, with_scaler):
+def _skipped_step_changes_nothing(case):
+    optimizer_name, fused, with_scaler = case
     model = DDP(build())
     optimizer = OPTIMIZERS[optimizer_name](model.parameters(), fused)
     clipper = distclip.GradClipper(model, max_norm=1.0, skip_spikes=distclip.SpikeSkip(sigmas=50.0, window=8, min_history=3))
@@ -421,11 +422,12 @@ def _skipped_step_changes_nothing(optimizer_name, fused, with_scaler):
     return clipper.state_dict()["skipped_steps"]
 
 
-@pytest.mark.parametrize("with_scaler", [False, True], ids=["plain", "grad-scaler"])
-@pytest.mark.parametrize("fused", [False, True], ids=["foreach", "fused"])
-@pytest.mark.parametrize("optimizer_name", sorted(OPTIMIZERS))
-def test_skipped_step_leaves_parameters_and_optimizer_state_bitwise_unchanged(ranks, optimizer_name, fused, with_scaler):
-    assert ranks(2).run(_skipped_step_changes_nothing, optimizer_name, fused, with_scaler) == [1, 1]
+def test_skipped_step_leaves_parameters_and_optimizer_state_bitwise_unchanged(ranks):
+    # (optimizer, fused, with a GradScaler)
+    cases = [(name, fused, with_scaler) for name in sorted(OPTIMIZERS) for fused in (False, True)
+             for with_scaler in (False, True)]
+    for case, skipped in by_case(ranks(2).run(every_case, _skipped_step_changes_nothing, cases)).items():
+        assert skipped == [1, 1], case
 
 
 # --------------------------------------------------------------------------- checkpoints
@@ -514,13 +516,14 @@ def _loss_rides_the_norm_collective(norm_type):
     return losses
 
 
-@pytest.mark.parametrize("norm_type", [2.0, 1.0, math.inf, -math.inf])
-def test_loss_mean_rides_the_one_collective(ranks, norm_type):
-    per_rank = ranks(2).run(_loss_rides_the_norm_collective, norm_type)
-    assert per_rank[0] == per_rank[1]
+def test_loss_mean_rides_the_one_collective(ranks):
+    norm_types = [2.0, 1.0, math.inf, -math.inf]
+    for norm_type, per_rank in by_case(ranks(2).run(every_case, _loss_rides_the_norm_collective, norm_types)).items():
+        assert per_rank[0] == per_rank[1], norm_type
 
 
-def _no_host_sync(policy_name, fused):
+def _no_host_sync(case):
+    policy_name, fused = case
     model = DDP(build())
     policy = {"fixed": lambda: 0.5,
               "zclip": lambda: distclip.ZClip(warmup_steps=2),
@@ -543,10 +546,11 @@ def _no_host_sync(policy_name, fused):
     return bool(clipper.last.skipped)
 
 
-@pytest.mark.parametrize("fused", [None, True], ids=["clip_", "attached-fused"])
-@pytest.mark.parametrize("policy_name", ["fixed", "zclip", "autoclip"])
-def test_policies_and_spike_skip_never_wait_for_the_device(ranks, policy_name, fused):
-    assert ranks(2).run(_no_host_sync, policy_name, fused) == [True, True]
+def test_policies_and_spike_skip_never_wait_for_the_device(ranks):
+    # (policy, fused): None clips with clip_(), True steps a fused AdamW the clipper is attached to
+    cases = [(policy_name, fused) for policy_name in ("fixed", "zclip", "autoclip") for fused in (None, True)]
+    for case, skipped in by_case(ranks(2).run(every_case, _no_host_sync, cases)).items():
+        assert skipped == [True, True], case
 
 
 def test_the_host_sync_audit_catches_a_sync():
