@@ -1,11 +1,30 @@
 import fcntl
 import json
+import subprocess
 from pathlib import Path
 from typing import Any, Callable
 
 import pytest
 
+import torchrun
 from rankpool import RankPool
+
+
+def _starts_jobs(item: pytest.Item) -> bool:
+    """A test of a module that starts processes of its own: a torchrun or ``accelerate launch``
+    job (tests/torchrun.py), a training script, a fresh interpreter; 10-80 s each."""
+    module = getattr(item, "module", None)
+    names = vars(module).values() if module is not None else ()
+    return any(value is subprocess or value in (torchrun.run_torchrun, torchrun.run_launched) for value in names)
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """The tests that start jobs first, then the rest, each in collection order.  pytest-xdist
+    hands out the first quarter of the tests alternately and the rest as workers free up, so
+    the long launches start early and spread over the workers, and the many short tests fill
+    the end: no worker is left running a launch alone while the others are done (the same
+    order on every worker, as xdist requires)."""
+    items.sort(key=lambda item: not _starts_jobs(item))
 
 
 @pytest.fixture(scope="session")

@@ -35,6 +35,10 @@ def _worker(rank: int, world_size: int, init_file: str, sys_path: list[str], tas
     dist.init_process_group(
         "gloo", init_method=f"file://{init_file}", rank=rank, world_size=world_size
     )
+    # What torch's imports made lives as long as the process: out of every later collection
+    # (``release_task_groups`` collects after each task; a full collection of torch's objects
+    # took ~0.3-0.7 s per rank per task).
+    gc.freeze()
     while True:
         task = tasks.get()
         if task is None:
@@ -94,7 +98,10 @@ class RankFailure(AssertionError):
 # interpreter costs each rank ~2 s of CPU for the imports (a world-4 pool took ~8.6 s to start on
 # the 2-core machine, and a pool restarts after every test whose ranks fail).  The server is
 # single-threaded, so forking it is safe, unlike forking the pytest process.
-PRELOAD = ["torch", "torch.distributed", "torch.distributed.tensor", "torch.distributed.fsdp", "distclip"]
+# torch._inductor is what the profiler (reference.collectives) imports when it first starts:
+# ~2-4 s in every rank process instead of once in the server.
+PRELOAD = ["torch", "torch.distributed", "torch.distributed.tensor", "torch.distributed.fsdp", "distclip",
+           "torch._inductor"]
 
 
 def _context() -> mp.context.BaseContext:

@@ -7,9 +7,13 @@ the same name on every rank, different tensors (pipeline stages, experts) differ
 from __future__ import annotations
 
 import contextlib
+import copyreg
+import ctypes
+import io
 import math
 import pickle
 import traceback
+from typing import Any, Callable, Iterable
 
 import torch
 import torch.distributed as dist
@@ -20,15 +24,40 @@ from torch.utils._python_dispatch import TorchDispatchMode
 import distclip
 
 
+def _tensor_from_bytes(dtype: str, shape: tuple[int, ...], raw: bytes) -> torch.Tensor:
+    if not raw:
+        return torch.empty(shape, dtype=getattr(torch, dtype))
+    return torch.frombuffer(bytearray(raw), dtype=getattr(torch, dtype)).reshape(shape)
+
+
+def _tensor_as_bytes(tensor: torch.Tensor):
+    """A tensor pickled as its dtype, shape and element bytes: torch's own pickling serializes
+    each storage with ``torch.save`` (milliseconds a tensor, seconds for a model's gradients)."""
+    dense = tensor.detach().resolve_conj().resolve_neg().contiguous()
+    raw = ctypes.string_at(dense.data_ptr(), dense.numel() * dense.element_size())
+    return _tensor_from_bytes, (str(dense.dtype).removeprefix("torch."), tuple(dense.shape), raw)
+
+
+def _pickled(obj) -> bytes:
+    out = io.BytesIO()
+    pickler = pickle.Pickler(out)
+    pickler.dispatch_table = copyreg.dispatch_table | {torch.Tensor: _tensor_as_bytes}  # exactly Tensor, CPU
+    pickler.dump(obj)
+    return out.getvalue()
+
+
 def gather_objects(obj) -> list:
-    """``dist.all_gather_object`` without its numpy dependency (CI has no numpy)."""
-    payload = torch.frombuffer(bytearray(pickle.dumps(obj)), dtype=torch.uint8)
+    """``dist.all_gather_object`` without its numpy dependency (CI has no numpy).  Plain CPU
+    tensors travel as their bytes."""
+    payload = torch.frombuffer(bytearray(_pickled(obj)), dtype=torch.uint8)
     sizes = [torch.zeros((), dtype=torch.int64) for _ in range(dist.get_world_size())]
     dist.all_gather(sizes, torch.tensor(payload.numel()))
     longest = max(int(s) for s in sizes)
     buffers = [torch.empty(longest, dtype=torch.uint8) for _ in sizes]
     dist.all_gather(buffers, torch.cat([payload, payload.new_zeros(longest - payload.numel())]))
-    return [pickle.loads(bytes(b[: int(s)].tolist())) for b, s in zip(buffers, sizes)]
+    # The bytes copied straight out of each buffer: ``bytes(b.tolist())`` made a Python int of
+    # every byte, seconds for the megabytes of a gathered gradient.
+    return [pickle.loads(ctypes.string_at(b.data_ptr(), int(s))) for b, s in zip(buffers, sizes)]
 
 
 def full_grads(named_grads) -> dict[str, torch.Tensor]:
@@ -82,7 +111,10 @@ def collectives():
     counter = []
     with profile(activities=[ProfilerActivity.CPU]) as prof:
         yield counter
-    counter.extend(e.name for e in prof.events() if e.name.startswith("gloo:"))
+    # The recorded events themselves, in the order they started: ``prof.events()`` builds the
+    # tree of every op's FunctionEvent first, 0.1-0.4 s per block, for a few names.
+    recorded = sorted(prof.profiler.kineto_results.events(), key=lambda event: event.start_ns())
+    counter.extend(event.name() for event in recorded if event.name().startswith("gloo:"))
 
 
 # distclip's reads allowed on the host: a CPU reduction's flags, read at once; flags an
@@ -178,9 +210,58 @@ def clip_and_check(
     return {"norm": total.item().hex(), "dtype": str(total.dtype), "collectives": issued}
 
 
-def assert_same_on_all_ranks(results: list[dict]) -> None:
+def clip_and_check_each(named_parameters, norm_types, **kwargs) -> dict:
+    """:func:`clip_and_check` for each p of ``norm_types``, all from the same gradients (saved
+    once and copied back in place before each p, as each p clips them): the model is built,
+    wrapped and stepped once for them all.  ``{p: result}``, a failure naming its p."""
+    named_parameters = list(named_parameters)
+    grads = [p.grad for _, p in named_parameters if p.grad is not None]
+    saved = [_local(grad).clone() for grad in grads]
+
+    def from_the_same_gradients(norm_type):
+        for grad, values in zip(grads, saved):
+            _local(grad).copy_(values)
+        return clip_and_check(named_parameters, norm_type, **kwargs)
+
+    return every_case(from_the_same_gradients, norm_types)
+
+
+def _local(grad: torch.Tensor) -> torch.Tensor:
+    return grad.to_local() if isinstance(grad, DTensor) else grad
+
+
+def assert_same_on_all_ranks(results: list[dict], case="") -> None:
     """Every rank returned the same norm, bit for bit, from exactly one collective."""
     norms = {r["norm"] for r in results}
-    assert len(norms) == 1, f"norm differs across ranks: {norms}"
+    assert len(norms) == 1, f"{case}norm differs across ranks: {norms}"
     for rank, r in enumerate(results):
-        assert r["collectives"] == ["gloo:all_reduce"], f"rank {rank} issued {r['collectives']}"
+        assert r["collectives"] == ["gloo:all_reduce"], f"{case}rank {rank} issued {r['collectives']}"
+
+
+class CaseFailed(AssertionError):
+    """Which case of :func:`every_case` failed; the failure itself is its ``__cause__``."""
+
+
+def every_case(check: Callable[..., Any], cases: Iterable, *args: Any, **kwargs: Any) -> dict:
+    """Rank side: ``check(case, *args, **kwargs)`` for each case in turn, in ONE task: one round
+    trip to the ranks (and one set-up of the task) instead of one per case.  Returns
+    ``{case: result}``; the first failure stops the task (the ranks could no longer agree on
+    the collectives to come) and is raised as :class:`CaseFailed` naming its case."""
+    results = {}
+    for case in cases:
+        try:
+            results[case] = check(case, *args, **kwargs)
+        except BaseException as error:
+            raise CaseFailed(f"{check.__name__} failed for case {case!r}") from error
+    return results
+
+
+def by_case(per_rank: list[dict]) -> dict[Any, list]:
+    """``every_case``'s results of every rank, as ``{case: [rank 0's result, rank 1's, ...]}``."""
+    return {case: [results[case] for results in per_rank] for case in per_rank[0]}
+
+
+def assert_same_on_all_ranks_in_every_case(per_rank: list[dict]) -> None:
+    """:func:`assert_same_on_all_ranks` for each case of :func:`every_case`'s results."""
+    for case, results in by_case(per_rank).items():
+        assert_same_on_all_ranks(results, case=f"case {case!r}: ")

@@ -15,13 +15,13 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 
 import distclip
 from models import NORM_TYPES, MLP, backward, batch, build, shard_layers
-from reference import assert_close_norm, clipper_step, collectives, full_grads, reference_norm
+from reference import assert_close_norm, by_case, clipper_step, collectives, every_case, full_grads, reference_norm
 
 MLP_PARAMETERS = [f"layers.{i}.{kind}" for i in range(3) for kind in ("weight", "bias")] + [
     "norm.weight", "norm.bias", "head.weight", "head.bias"]
 
 
-def _per_parameter(kind, norm_type):
+def _per_parameter(norm_type, kind):
     """Every parameter's global norm by its qualified name, against the float64 norm of its full
     gradient, under DDP or FSDP2 (shards summed, copies once)."""
     model = build()
@@ -44,11 +44,10 @@ def _per_parameter(kind, norm_type):
     return results
 
 
-@pytest.mark.parametrize("norm_type", NORM_TYPES)
 @pytest.mark.parametrize("kind", ["ddp", "fsdp2"])
-def test_every_parameters_norm_by_its_clean_name(ranks, kind, norm_type):
-    per_rank = ranks(2).run(_per_parameter, kind, norm_type)
-    assert per_rank[0] == per_rank[1]
+def test_every_parameters_norm_by_its_clean_name(ranks, kind):
+    for norm_type, per_rank in by_case(ranks(2).run(every_case, _per_parameter, NORM_TYPES, kind)).items():
+        assert per_rank[0] == per_rank[1], norm_type
 
 
 class Stage(nn.Module):

@@ -14,10 +14,10 @@ import torch.distributed as dist
 
 import distclip
 from models import backward, batch, build, wrap
-from reference import NoHostSync
+from reference import NoHostSync, by_case, every_case
 
 
-def _default_paths_never_sync(kind, norm_type):
+def _default_paths_never_sync(norm_type, kind):
     model = wrap(build(), "ddp" if kind == "ddp" else "fsdp2")
     params = list(model.parameters())
     if kind == "fsdp2+plain":  # a plain replicated tensor beside the DTensors
@@ -36,11 +36,11 @@ def _default_paths_never_sync(kind, norm_type):
     return [norm.item().hex(), result.total_norm.item().hex()]
 
 
-@pytest.mark.parametrize("norm_type", [2.0, 1.0, math.inf, -math.inf, 0.0])
 @pytest.mark.parametrize("kind", ["ddp", "fsdp2", "fsdp2+plain"])
-def test_default_paths_never_wait_for_the_device(ranks, kind, norm_type):
-    per_rank = ranks(2).run(_default_paths_never_sync, kind, norm_type)
-    assert per_rank[0] == per_rank[1]
+def test_default_paths_never_wait_for_the_device(ranks, kind):
+    norm_types = [2.0, 1.0, math.inf, -math.inf, 0.0]
+    for norm_type, per_rank in by_case(ranks(2).run(every_case, _default_paths_never_sync, norm_types, kind)).items():
+        assert per_rank[0] == per_rank[1], norm_type
 
 
 @pytest.mark.parametrize("norm_type", [2.0, math.inf, -math.inf])

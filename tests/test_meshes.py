@@ -8,7 +8,7 @@ from torch.distributed.device_mesh import init_device_mesh
 from torch.distributed.tensor import Replicate, Shard, distribute_tensor
 
 from models import NORM_TYPES
-from reference import assert_same_on_all_ranks, clip_and_check
+from reference import assert_same_on_all_ranks_in_every_case, clip_and_check_each
 
 
 def _parameter(shape, mesh=None, placements=None, seed=0):
@@ -23,7 +23,7 @@ def _parameter(shape, mesh=None, placements=None, seed=0):
     return param
 
 
-def _mixed_meshes_clip(norm_type, dp, ep):
+def _mixed_meshes_clip(dp, ep):
     world = init_device_mesh("cpu", (dp * ep,), mesh_dim_names=("world",))
     root = init_device_mesh("cpu", (dp, ep), mesh_dim_names=("dp", "ep"))
     named = [
@@ -34,23 +34,20 @@ def _mixed_meshes_clip(norm_type, dp, ep):
         ("shared", _parameter((5, 3), root["dp"], [Shard(0)], seed=5)),
         ("plain", _parameter((7,), seed=6)),
     ]
-    return clip_and_check(named, norm_type)
+    return clip_and_check_each(named, NORM_TYPES)
 
 
 @pytest.mark.parametrize("shape", [(1, 2), (2, 1), (2, 2)], ids=str)
-@pytest.mark.parametrize("norm_type", NORM_TYPES)
-def test_several_meshes_and_plain_tensors_in_one_call(ranks, shape, norm_type):
-    results = ranks(shape[0] * shape[1]).run(_mixed_meshes_clip, norm_type, *shape)
-    assert_same_on_all_ranks(results)
+def test_several_meshes_and_plain_tensors_in_one_call(ranks, shape):
+    assert_same_on_all_ranks_in_every_case(ranks(shape[0] * shape[1]).run(_mixed_meshes_clip, *shape))
 
 
-def _uneven_shards_clip(norm_type):
+def _uneven_shards_clip():
     mesh = init_device_mesh("cpu", (dist.get_world_size(),))
     named = [(f"p{n}", _parameter((n, 3), mesh, [Shard(0)], seed=n)) for n in (1, 2, 3, 5)]
     named.append(("empty", _parameter((0, 4), mesh, [Shard(0)], seed=9)))
-    return clip_and_check(named, norm_type)
+    return clip_and_check_each(named, NORM_TYPES)
 
 
-@pytest.mark.parametrize("norm_type", NORM_TYPES)
-def test_uneven_and_empty_shards(ranks, norm_type):
-    assert_same_on_all_ranks(ranks(4).run(_uneven_shards_clip, norm_type))
+def test_uneven_and_empty_shards(ranks):
+    assert_same_on_all_ranks_in_every_case(ranks(4).run(_uneven_shards_clip))

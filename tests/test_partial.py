@@ -14,7 +14,7 @@ from torch.distributed.tensor.parallel import ColwiseParallel, RowwiseParallel, 
 
 import distclip
 from models import NORM_TYPES
-from reference import assert_close_norm, collectives, full_grads, named_param_grads, reference_norm
+from reference import assert_close_norm, by_case, collectives, every_case, full_grads, named_param_grads, reference_norm
 
 
 class Block(nn.Module):
@@ -73,9 +73,9 @@ def _partial_clip(norm_type):
     return total.item().hex()
 
 
-@pytest.mark.parametrize("norm_type", NORM_TYPES)
-def test_partial_gradients_are_reduced_in_place_by_one_collective_then_clipped(ranks, norm_type):
-    assert len(set(ranks(2).run(_partial_clip, norm_type))) == 1
+def test_partial_gradients_are_reduced_in_place_by_one_collective_then_clipped(ranks):
+    for norm_type, norms in by_case(ranks(2).run(every_case, _partial_clip, NORM_TYPES)).items():
+        assert len(set(norms)) == 1, (norm_type, norms)
 
 
 def _partial_steps_with_the_clipper():

@@ -6,7 +6,7 @@ import torch.distributed as dist
 from torch.distributed.device_mesh import init_device_mesh
 
 from models import NORM_TYPES, backward, batch, build
-from reference import assert_same_on_all_ranks, clip_and_check
+from reference import assert_same_on_all_ranks_in_every_case, clip_and_check_each
 
 
 def _stage_parameters(pp: int, dp: int, frozen_stage=None):
@@ -29,24 +29,21 @@ def _stage_parameters(pp: int, dp: int, frozen_stage=None):
     return mine, mesh
 
 
-def _pipeline_clip(norm_type, pp, dp):
+def _pipeline_clip(pp, dp):
     mine, mesh = _stage_parameters(pp, dp)
-    return clip_and_check(mine, norm_type, replica_group=mesh["dp"])
+    return clip_and_check_each(mine, NORM_TYPES, replica_group=mesh["dp"])
 
 
 @pytest.mark.parametrize("shape", [(2, 1), (2, 2), (4, 1)], ids=str)
-@pytest.mark.parametrize("norm_type", NORM_TYPES)
-def test_pipeline_stages_are_summed_and_dp_replicas_counted_once(ranks, shape, norm_type):
-    assert_same_on_all_ranks(ranks(shape[0] * shape[1]).run(_pipeline_clip, norm_type, *shape))
+def test_pipeline_stages_are_summed_and_dp_replicas_counted_once(ranks, shape):
+    assert_same_on_all_ranks_in_every_case(ranks(shape[0] * shape[1]).run(_pipeline_clip, *shape))
 
 
-def _frozen_stage_clip(norm_type, pp, dp):
+def _frozen_stage_clip(pp, dp):
     mine, mesh = _stage_parameters(pp, dp, frozen_stage=1)
-    return clip_and_check(mine, norm_type, replica_group=mesh["dp"])
+    return clip_and_check_each(mine, NORM_TYPES, replica_group=mesh["dp"])
 
 
 @pytest.mark.parametrize("shape", [(2, 1), (2, 2)], ids=str)
-@pytest.mark.parametrize("norm_type", NORM_TYPES)
-def test_ranks_without_gradients_take_part_without_hanging(ranks, shape, norm_type):
-    results = ranks(shape[0] * shape[1]).run(_frozen_stage_clip, norm_type, *shape)
-    assert_same_on_all_ranks(results)
+def test_ranks_without_gradients_take_part_without_hanging(ranks, shape):
+    assert_same_on_all_ranks_in_every_case(ranks(shape[0] * shape[1]).run(_frozen_stage_clip, *shape))

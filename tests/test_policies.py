@@ -16,7 +16,7 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 
 import distclip
 from models import backward, batch, build, local, wrap
-from reference import NoHostSync, clipper_step, collectives
+from reference import NoHostSync, by_case, clipper_step, collectives, every_case
 
 # --------------------------------------------------------------------------- float64 references
 
@@ -125,19 +125,20 @@ def _run_sequence(kind: str, policy: dict, spikes: dict | None, nonfinite: str, 
         model, max_norm=max_norm, nonfinite=nonfinite, skip_spikes=distclip.SpikeSkip(**spikes) if spikes else None
     )
     rank = dist.get_rank()
-    x = batch(rank)
-    return [_step(model, clipper, x, step, rank, with_loss) for step in range(STEPS)]
+    # The model does not train: each step's gradients are one backward's times the step's
+    # multiplier, fresh tensors every step as after zero_grad() and a backward.
+    backward(model, batch(rank))
+    first = [p.grad for p in model.parameters()]
+    return [_step(model, clipper, first, step, rank, with_loss) for step in range(STEPS)]
 
 
 # Steps whose collectives are counted (profiling every step would triple the test's time).
 PROFILED_STEPS = (0, 10, 30, NAN_STEP, 40)
 
 
-def _step(model, clipper, x, step, rank, with_loss) -> dict:
-    model.zero_grad()
-    out = model(x)
-    out = out.full_tensor() if hasattr(out, "full_tensor") else out
-    ((out.float() ** 2).mean() * multiplier(step)).backward()
+def _step(model, clipper, first, step, rank, with_loss) -> dict:
+    for param, grad in zip(model.parameters(), first):
+        param.grad = grad * multiplier(step)
     before = [local(p.grad).clone() for p in model.parameters()]
     loss = scripted_loss(dist.get_world_size(), step, rank) if with_loss else None
     with collectives() if step in PROFILED_STEPS else contextlib.nullcontext([]) as issued:
@@ -275,14 +276,15 @@ def _through_a_shift(save_at: int) -> dict:
     before step ``save_at``, clips the steps from ``save_at`` on again.  Both decision lists."""
     torch.manual_seed(0)
     model = DDP(build())
-    x = batch(dist.get_rank())
+    backward(model, batch(dist.get_rank()))
+    first = [p.grad for p in model.parameters()]
 
     def clipper():
         return distclip.GradClipper(model, max_norm=1e3, skip_spikes=distclip.SpikeSkip(**SHIFT_SPIKE_SKIP))
 
     def clip(clipper, step):
-        model.zero_grad()
-        ((model(x).float() ** 2).mean() * shift_multiplier(step)).backward()
+        for param, grad in zip(model.parameters(), first):
+            param.grad = grad * shift_multiplier(step)  # fresh tensors, as after a backward
         result = clipper.clip_()
         return bool(result.skipped), result.total_norm.item().hex()
 
@@ -301,8 +303,14 @@ def _skipped(steps, first=0):
     return [step for step, (skipped, _) in enumerate(steps, start=first) if skipped]
 
 
-def test_spike_skip_skips_a_lone_spike_and_learns_a_lasting_shift_within_a_window(ranks):
-    per_rank = ranks(2).run(_through_a_shift, SAVE_IN_THE_RUN)
+@pytest.fixture(scope="module")
+def through_a_shift(ranks):
+    """Both ranks' decision lists of ``_through_a_shift(SAVE_IN_THE_RUN)`` (two tests read them)."""
+    return ranks(2).run(_through_a_shift, SAVE_IN_THE_RUN)
+
+
+def test_spike_skip_skips_a_lone_spike_and_learns_a_lasting_shift_within_a_window(through_a_shift):
+    per_rank = through_a_shift
     assert per_rank[0]["uninterrupted"] == per_rank[1]["uninterrupted"], "ranks disagree on a norm or a skip"
     skipped = _skipped(per_rank[0]["uninterrupted"])
     reference = SpikeSkipReference(**SHIFT_SPIKE_SKIP)
@@ -312,9 +320,9 @@ def test_spike_skip_skips_a_lone_spike_and_learns_a_lasting_shift_within_a_windo
     assert skipped == [20, SHIFT_AT, SHIFT_AT + 1, SHIFT_AT + 2, SHIFT_AT + 3]
 
 
-def test_a_run_resumed_in_a_spike_run_makes_the_uninterrupted_decisions(ranks):
+def test_a_run_resumed_in_a_spike_run_makes_the_uninterrupted_decisions(through_a_shift):
     # Saved after two spikes of the shift: the run length (2 of burst 3) is state too.
-    for result in ranks(2).run(_through_a_shift, SAVE_IN_THE_RUN):
+    for result in through_a_shift:
         assert result["resumed"] == result["uninterrupted"][SAVE_IN_THE_RUN:]
         assert _skipped(result["resumed"], SAVE_IN_THE_RUN) == [SAVE_IN_THE_RUN, SAVE_IN_THE_RUN + 1]
 
@@ -380,7 +388,8 @@ def _optimizer_state(optimizer):
     return {f"{id(p)}.{k}": _bits(v) for p, s in optimizer.state.items() for k, v in s.items() if torch.is_tensor(v)}
 
 
-def _skipped_step_changes_nothing(optimizer_name, fused, with_scaler):
+def _skipped_step_changes_nothing(case):
+    optimizer_name, fused, with_scaler = case
     model = DDP(build())
     optimizer = OPTIMIZERS[optimizer_name](model.parameters(), fused)
     clipper = distclip.GradClipper(model, max_norm=1.0, skip_spikes=distclip.SpikeSkip(sigmas=50.0, window=8, min_history=3))
@@ -413,11 +422,12 @@ def _skipped_step_changes_nothing(optimizer_name, fused, with_scaler):
     return clipper.state_dict()["skipped_steps"]
 
 
-@pytest.mark.parametrize("with_scaler", [False, True], ids=["plain", "grad-scaler"])
-@pytest.mark.parametrize("fused", [False, True], ids=["foreach", "fused"])
-@pytest.mark.parametrize("optimizer_name", sorted(OPTIMIZERS))
-def test_skipped_step_leaves_parameters_and_optimizer_state_bitwise_unchanged(ranks, optimizer_name, fused, with_scaler):
-    assert ranks(2).run(_skipped_step_changes_nothing, optimizer_name, fused, with_scaler) == [1, 1]
+def test_skipped_step_leaves_parameters_and_optimizer_state_bitwise_unchanged(ranks):
+    # (optimizer, fused, with a GradScaler)
+    cases = [(name, fused, with_scaler) for name in sorted(OPTIMIZERS) for fused in (False, True)
+             for with_scaler in (False, True)]
+    for case, skipped in by_case(ranks(2).run(every_case, _skipped_step_changes_nothing, cases)).items():
+        assert skipped == [1, 1], case
 
 
 # --------------------------------------------------------------------------- checkpoints
@@ -506,13 +516,14 @@ def _loss_rides_the_norm_collective(norm_type):
     return losses
 
 
-@pytest.mark.parametrize("norm_type", [2.0, 1.0, math.inf, -math.inf])
-def test_loss_mean_rides_the_one_collective(ranks, norm_type):
-    per_rank = ranks(2).run(_loss_rides_the_norm_collective, norm_type)
-    assert per_rank[0] == per_rank[1]
+def test_loss_mean_rides_the_one_collective(ranks):
+    norm_types = [2.0, 1.0, math.inf, -math.inf]
+    for norm_type, per_rank in by_case(ranks(2).run(every_case, _loss_rides_the_norm_collective, norm_types)).items():
+        assert per_rank[0] == per_rank[1], norm_type
 
 
-def _no_host_sync(policy_name, fused):
+def _no_host_sync(case):
+    policy_name, fused = case
     model = DDP(build())
     policy = {"fixed": lambda: 0.5,
               "zclip": lambda: distclip.ZClip(warmup_steps=2),
@@ -535,10 +546,11 @@ def _no_host_sync(policy_name, fused):
     return bool(clipper.last.skipped)
 
 
-@pytest.mark.parametrize("fused", [None, True], ids=["clip_", "attached-fused"])
-@pytest.mark.parametrize("policy_name", ["fixed", "zclip", "autoclip"])
-def test_policies_and_spike_skip_never_wait_for_the_device(ranks, policy_name, fused):
-    assert ranks(2).run(_no_host_sync, policy_name, fused) == [True, True]
+def test_policies_and_spike_skip_never_wait_for_the_device(ranks):
+    # (policy, fused): None clips with clip_(), True steps a fused AdamW the clipper is attached to
+    cases = [(policy_name, fused) for policy_name in ("fixed", "zclip", "autoclip") for fused in (None, True)]
+    for case, skipped in by_case(ranks(2).run(every_case, _no_host_sync, cases)).items():
+        assert skipped == [True, True], case
 
 
 def test_the_host_sync_audit_catches_a_sync():

@@ -22,7 +22,14 @@ from distclip.pieces import ROW, ROWS_FROM
 from distclip.plan import NormPlan
 from distclip.topology import resolve_topology
 from models import NORM_TYPES
-from reference import assert_close_norm, assert_same_on_all_ranks, clip_and_check, gather_objects
+from reference import (
+    assert_close_norm,
+    assert_same_on_all_ranks_in_every_case,
+    by_case,
+    clip_and_check,
+    every_case,
+    gather_objects,
+)
 
 # More than ROWS_FROM elements (reduced as rows on the CPU) and not a multiple of a row.
 LONG = ROWS_FROM + 3 * ROW + 5
@@ -223,9 +230,8 @@ def _strided_copies(norm_type):
     return result
 
 
-@pytest.mark.parametrize("norm_type", NORM_TYPES)
-def test_strided_gradients_held_as_copies_on_two_ranks_give_the_float64_norm(ranks, norm_type):
-    assert_same_on_all_ranks(ranks(2).run(_strided_copies, norm_type))
+def test_strided_gradients_held_as_copies_on_two_ranks_give_the_float64_norm(ranks):
+    assert_same_on_all_ranks_in_every_case(ranks(2).run(every_case, _strided_copies, NORM_TYPES))
 
 
 def _dtensors_from_strided_locals(norm_type):
@@ -250,9 +256,8 @@ def _dtensors_from_strided_locals(norm_type):
     return result
 
 
-@pytest.mark.parametrize("norm_type", NORM_TYPES)
-def test_dtensors_from_local_on_strided_views_give_the_float64_norm(ranks, norm_type):
-    assert_same_on_all_ranks(ranks(2).run(_dtensors_from_strided_locals, norm_type))
+def test_dtensors_from_local_on_strided_views_give_the_float64_norm(ranks):
+    assert_same_on_all_ranks_in_every_case(ranks(2).run(every_case, _dtensors_from_strided_locals, NORM_TYPES))
 
 
 # -- complex gradients -----------------------------------------------------------------------
@@ -349,8 +354,8 @@ def _complex_without_copies(norm_type):
     return {"norm": total.item().hex(), "dtype": str(total.dtype)}
 
 
-@pytest.mark.parametrize("norm_type", COMPLEX_NORM_TYPES)
-def test_complex_gradients_on_two_ranks_without_copies_give_the_complex128_norm(ranks, norm_type):
-    results = ranks(2).run(_complex_without_copies, norm_type)
-    assert {r["norm"] for r in results} == {results[0]["norm"]}
-    assert results[0]["dtype"] == "torch.float64"
+def test_complex_gradients_on_two_ranks_without_copies_give_the_complex128_norm(ranks):
+    per_rank = ranks(2).run(every_case, _complex_without_copies, COMPLEX_NORM_TYPES)
+    for norm_type, results in by_case(per_rank).items():
+        assert {r["norm"] for r in results} == {results[0]["norm"]}, norm_type
+        assert results[0]["dtype"] == "torch.float64", norm_type

@@ -15,7 +15,7 @@ from torch.distributed.tensor.parallel import (
 )
 
 from models import NORM_TYPES
-from reference import assert_same_on_all_ranks, clip_and_check
+from reference import assert_same_on_all_ranks_in_every_case, clip_and_check_each
 
 HIDDEN = 8
 
@@ -57,17 +57,16 @@ def _fsdp_tp_model(dp: int, tp: int) -> nn.Module:
     return model
 
 
-def _fsdp_tp_clip(norm_type, dp, tp):
+def _fsdp_tp_clip(dp, tp):
     model = _fsdp_tp_model(dp, tp)
     meshes = {p.grad.device_mesh for p in model.parameters()}
     assert len(meshes) == 2  # norm_in on the dp sub-mesh, the rest on the 2-D mesh
-    return clip_and_check(model.named_parameters(), norm_type)
+    return clip_and_check_each(model.named_parameters(), NORM_TYPES)
 
 
 @pytest.mark.parametrize("shape", [(1, 2), (2, 2)], ids=str)
-@pytest.mark.parametrize("norm_type", NORM_TYPES)
-def test_fsdp2_tp_counts_tp_replicated_norms_once(ranks, shape, norm_type):
-    assert_same_on_all_ranks(ranks(shape[0] * shape[1]).run(_fsdp_tp_clip, norm_type, *shape))
+def test_fsdp2_tp_counts_tp_replicated_norms_once(ranks, shape):
+    assert_same_on_all_ranks_in_every_case(ranks(shape[0] * shape[1]).run(_fsdp_tp_clip, *shape))
 
 
 def _torch_clip_error():
