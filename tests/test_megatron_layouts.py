@@ -23,7 +23,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from reference import assert_same_on_all_ranks, clip_and_check
+from reference import assert_same_on_all_ranks, clip_and_check, every_case
 
 ORDERS = {"bf16,fp32": (torch.bfloat16, torch.float32), "fp32,bf16": (torch.float32, torch.bfloat16)}
 LAYOUTS = ["both", "rank0_empty", "disjoint", "all_empty", "copy_groups"]
@@ -79,9 +79,10 @@ def _holdings(layout: str, dtypes, rank: int, alone) -> list[tuple[str, torch.dt
     return [shared, own[1]]
 
 
-def _clip_layout(layout: str, order: str) -> list[dict]:
-    """On every rank: for each p, lay the gradients out afresh, clip against the float64
+def _clip_layout(case: tuple[str, str]) -> list[dict]:
+    """On every rank, for ``case`` (layout, order): for each p, lay the gradients out afresh, clip against the float64
     reference (``clip_and_check``) and check every buffer's padding untouched."""
+    layout, order = case
     rank = dist.get_rank()
     alone, _ = dist.new_subgroups(group_size=1)
     replica_group = _copy_group if layout == "copy_groups" else alone
@@ -104,9 +105,8 @@ def _clip_layout(layout: str, order: str) -> list[dict]:
     return results
 
 
-@pytest.mark.parametrize(
-    "layout, order", list(itertools.product(LAYOUTS, ORDERS)), ids=lambda value: str(value)
-)
-def test_megatron_mixed_dtype_layouts(ranks, layout, order):
-    for per_norm_type in zip(*ranks(2).run(_clip_layout, layout, order)):
-        assert_same_on_all_ranks(list(per_norm_type))
+def test_megatron_mixed_dtype_layouts(ranks):
+    per_rank = ranks(2).run(every_case, _clip_layout, list(itertools.product(LAYOUTS, ORDERS)))
+    for case in per_rank[0]:
+        for norm_type, per_norm_type in zip(NORM_TYPES, zip(*(results[case] for results in per_rank))):
+            assert_same_on_all_ranks(list(per_norm_type), case=f"{case}, p={norm_type}: ")
