@@ -5,7 +5,10 @@
 Two copies of distclip cannot share a process (the package imports itself by name), so each
 version runs in a worker process of its own (``git worktree`` of ``--base`` for the other one,
 made in a temporary folder), both building the same case; the driver asks them in turn, round
-by round, to time ``calls`` steps, so drifting machine load falls on both alike.  Cases, for
+by round, to time ``calls`` steps, so drifting machine load falls on both alike.  Each worker
+reports wall time and its own CPU time (``time.process_time``, one thread): on a shared machine
+the CPU time is the steadier of the two, since it leaves out the time the worker waited for a
+core.  Cases, for
 each tensor count: ``list`` (a GradClipper given a list of separate 16x8 parameters, as
 ``overhead.py``) and ``module`` (given a module holding them in Linear(8, 8) layers: every step
 also re-reads the module's tree).  Prints the medians and their ratio (this tree / base).
@@ -27,8 +30,8 @@ ROOT = Path(__file__).resolve().parent.parent
 
 
 def worker() -> None:
-    """Serve timing requests on stdin: ``case count calls`` -> seconds (after building the case
-    once); one JSON line per request."""
+    """Serve timing requests on stdin: ``case count calls`` -> ``[wall seconds, CPU seconds]``
+    (after building the case once); one JSON line per request."""
     import torch
 
     import distclip
@@ -53,10 +56,10 @@ def worker() -> None:
                 clipper.clip_()
             built[(case, count)] = clipper
         clipper = built[(case, count)]
-        start = time.perf_counter()
+        start, cpu = time.perf_counter(), time.process_time()
         for _ in range(calls):
             clipper.clip_()
-        print(json.dumps(time.perf_counter() - start), flush=True)
+        print(json.dumps([time.perf_counter() - start, time.process_time() - cpu]), flush=True)
 
 
 def _start(tree: Path) -> subprocess.Popen:
@@ -66,7 +69,7 @@ def _start(tree: Path) -> subprocess.Popen:
     )
 
 
-def _ask(process: subprocess.Popen, case: str, count: int, calls: int) -> float:
+def _ask(process: subprocess.Popen, case: str, count: int, calls: int) -> list[float]:
     process.stdin.write(f"{case} {count} {calls}\n")
     process.stdin.flush()
     return json.loads(process.stdout.readline())
@@ -90,15 +93,28 @@ def main() -> None:
                 for count in args.count:
                     calls = max(1, 20000 // count)
                     times = {name: [] for name in workers}
+                    cpu = {name: [] for name in workers}
                     for i in range(2 + args.rounds):
                         for name, process in workers.items():
-                            seconds = _ask(process, case, count, calls) / calls
+                            wall, used = _ask(process, case, count, calls)
                             if i >= 2:
-                                times[name].append(seconds)
+                                times[name].append(wall / calls)
+                                cpu[name].append(used / calls)
                     medians = {name: statistics.median(t) for name, t in times.items()}
+                    cpu_medians = {name: statistics.median(t) for name, t in cpu.items()}
                     mine, base = medians["this tree"], medians[args.base[:10]]
-                    rows.append({"case": case, "tensors": count, "this_ms": mine * 1e3, "base_ms": base * 1e3, "ratio": mine / base})
-                    print(f"{case:>7} {count:>6} tensors: this tree {mine * 1e3:8.3f} ms, {args.base[:10]} {base * 1e3:8.3f} ms, ratio {mine / base:.3f}", flush=True)
+                    mine_cpu, base_cpu = cpu_medians["this tree"], cpu_medians[args.base[:10]]
+                    rows.append(
+                        {
+                            "case": case, "tensors": count, "this_ms": mine * 1e3, "base_ms": base * 1e3, "ratio": mine / base,
+                            "this_cpu_ms": mine_cpu * 1e3, "base_cpu_ms": base_cpu * 1e3, "cpu_ratio": mine_cpu / base_cpu,
+                        }
+                    )
+                    print(
+                        f"{case:>7} {count:>6} tensors: wall this tree {mine * 1e3:8.3f} ms, {args.base[:10]} {base * 1e3:8.3f} ms, "
+                        f"ratio {mine / base:.3f}; CPU {mine_cpu * 1e3:8.3f} / {base_cpu * 1e3:8.3f} ms, ratio {mine_cpu / base_cpu:.3f}",
+                        flush=True,
+                    )
             for process in workers.values():
                 process.stdin.close()
                 process.wait()

@@ -266,7 +266,9 @@ class GradClipper:
             if bad_metric is not None:
                 problems[Problem.INVALID_METRIC] = bad_metric
                 metrics = None
-            extra = torch.cat([loss_terms, encode(metrics, layout_now.metrics, ranks, position, plan.device)])
+            extra = loss_terms
+            if layout_now.metrics:
+                extra = torch.cat([loss_terms, encode(metrics, layout_now.metrics, ranks, position, plan.device)])
             contribution = plan.contribution(
                 local, self.pnorm, self.foreach, wide=loss_scale is not None, partials=partials, problems=problems,
                 checks=checks, extra=extra,

@@ -52,7 +52,8 @@ class NextCall:
     def put(self, flags: Tensor) -> None:
         """Keep ``flags`` (a copy, started without waiting) for :meth:`take`."""
         if flags.device.type == "cpu":
-            self._host, self._event = flags.clone(), None
+            # Already on the host, and made for this call only (nothing writes it later).
+            self._host, self._event = flags, None
             return
         host = torch.empty(flags.shape, dtype=flags.dtype, pin_memory=True)
         host.copy_(flags, non_blocking=True)

@@ -132,6 +132,8 @@ class _ModuleTree:
 
 _MODULES = operator.attrgetter("_modules")
 _PARAMETERS = operator.attrgetter("_parameters")
+_GRAD = operator.attrgetter("grad")
+_NO_GRAD = type(None)
 
 
 class Parameters:
@@ -174,11 +176,12 @@ class Parameters:
             grads, known, params = self.fsdp1(topology)
             return Gradients(grads, params, known, tuple(p.grad is not None for p in self.fsdp1.holders))
         params = self.params
-        all_grads = [p.grad for p in params]
-        present = [g is not None for g in all_grads]  # not `None in all_grads`: that runs Tensor.__eq__
-        if all(present):
+        all_grads = list(map(_GRAD, params))
+        # Whether any is missing from the types (not `None in all_grads`: that runs Tensor.__eq__).
+        if _NO_GRAD not in set(map(type, all_grads)):
             grads, kept, presence = all_grads, params, True
         else:
+            present = [g is not None for g in all_grads]
             grads = [g for g in all_grads if g is not None]
             kept = [p for p, g in zip(params, all_grads) if g is not None]
             presence = tuple(present)

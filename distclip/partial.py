@@ -52,6 +52,9 @@ def reducible(grad: Tensor, param: Tensor) -> bool:
 def reduce_partial_gradients_(grads: list[Tensor], params: Sequence[Tensor]) -> None:
     """Reduce every reducible Partial gradient in place (see the module docstring); ``grads[i]``
     (the gradient of ``params[i]``) is replaced by the reduced DTensor, as ``params[i].grad``."""
+    # Only a DTensor can be Partial: one pass over the types, not a check per gradient.
+    if not any(issubclass(kind, DTensor) for kind in set(map(type, grads))):
+        return
     batches: dict[tuple, list[int]] = {}
     for index, (grad, param) in enumerate(zip(grads, params)):
         if reducible(grad, param):

@@ -65,6 +65,7 @@ class NormPlan:
         self.topology = topology
         self.num_groups = num_groups
         self.is_dtensor = [isinstance(g, DTensor) for g in grads]
+        self._all_plain = not any(self.is_dtensor)
         local = self.local_tensors(grads)
         self.device = reduction_device(topology, fallback=local[0].device if local else torch.device("cpu"))
         # The norms are returned where the gradients live (the reduction's device if none here).
@@ -141,6 +142,8 @@ class NormPlan:
     def local_tensors(self, grads: Sequence[Tensor]) -> list[Tensor]:
         """The plain local tensor of each gradient (a DTensor's shard)."""
         # The local tensor without to_local(): no autograd function per gradient.
+        if self._all_plain:
+            return list(grads)
         return [LOCAL_TENSOR(g) if d else g for g, d in zip(grads, self.is_dtensor)]
 
     def _bucket_norms(
@@ -229,7 +232,10 @@ class NormPlan:
         groups = []
         for indices, runs in zip(self.scale_groups, self.scale_runs):
             views = runs.views(local) if runs is not None else None
-            groups.append(views if views is not None else [local[i] for i in indices])
+            if views is None:
+                # One device and dtype for all: the list itself, not a copy made per step.
+                views = local if len(indices) == len(local) else [local[i] for i in indices]
+            groups.append(views)
         scale_grouped_(
             groups,
             coefficient,

@@ -169,7 +169,10 @@ def _specs_key(
 def layout_key(grads: Sequence[Tensor], meshes: dict[int, DeviceMesh]) -> Hashable:
     """Per gradient, in order, what a plan depends on: type, element count, dims, dtype, device;
     for a DTensor its mesh (by id, added to ``meshes``), placements, global shape and its local
-    tensor's.  Per attribute a C-level map over the list where no DTensor is involved."""
+    tensor's.  Per attribute a C-level map over the list where no DTensor is involved; there
+    the device is read as its index (``get_device``: -1 on the CPU), which costs less than
+    making a ``torch.device`` per gradient per step: one process uses one accelerator type, so
+    the index tells CPU from accelerator and one accelerator from another."""
     types = tuple(map(type, grads))
     if any(issubclass(kind, DTensor) for kind in set(types)):
         return types, tuple(
@@ -180,7 +183,7 @@ def layout_key(grads: Sequence[Tensor], meshes: dict[int, DeviceMesh]) -> Hashab
         tuple(map(Tensor.numel, grads)),
         tuple(map(Tensor.dim, grads)),
         tuple(map(_dtype, grads)),
-        tuple(map(_device, grads)),
+        tuple(map(Tensor.get_device, grads)),
     )
 
 
