@@ -6,7 +6,12 @@ block of at most ``BLOCK`` elements); what is left of it (fewer than ``ROW`` ele
 shorter range go into one ``torch._foreach_norm`` call.  On other devices every range goes into
 the foreach call whole.  Also on the CPU, whole units of at most ``PACK_UP_TO`` elements are
 *packed*: copied together into one flat tensor (``torch._utils._flatten_dense_tensors``, one C++
-call) of at most ``ROWS_FROM`` elements, which the foreach call then takes as one input.
+call) of at most ``ROWS_FROM`` elements, which the foreach call then takes as one input.  Where
+the norms are kept per group (``keys``: per-parameter or per-layer norms), whole units of the
+same element count are packed instead, whatever their groups, into *row packs*: one flat copy
+viewed as one row per unit and reduced along the rows like a block, so that every unit keeps its
+own norm and 2,000 per-parameter norms cost one copy and a few row reductions, not one foreach
+input per parameter.
 
 Why rows.  torch's CPU norm kernel sums each thread's share of a tensor sequentially in float32:
 the norm of GPT-2's 38.6M-element embedding gradient comes out 2.6e-3 off the float64 value.  A
@@ -50,11 +55,12 @@ class Pieces:
     """One (device, dtype)'s ranges as kernel inputs.
 
     ``whole``: ``(unit, start, stop, is_whole_unit)`` for the foreach call; ``packs``: units
-    (whole) normed together as one flattened copy; ``blocks``: ``(unit, start, rows)``,
+    (whole) normed together as one flattened copy; ``row_packs``: units (whole) of one element
+    count, copied together and normed one row per unit; ``blocks``: ``(unit, start, rows)``,
     ``rows x ROW`` elements from ``start``; ``value_units``: the unit of every norm
-    :func:`piece_norms` returns, in its order (whole pieces, packs by their first unit, then
-    each block's rows); ``value_keys``: the ``keys`` entry of every norm's range, in the same
-    order (empty without keys).
+    :func:`piece_norms` returns, in its order (whole pieces, packs by their first unit, every
+    unit of the row packs, then each block's rows); ``value_keys``: the ``keys`` entry of every
+    norm's range, in the same order (empty without keys).
     """
 
     whole: tuple[tuple[int, int, int, bool], ...]
@@ -62,10 +68,11 @@ class Pieces:
     blocks: tuple[tuple[int, int, int], ...]
     value_units: tuple[int, ...]
     value_keys: tuple[object, ...] = ()
+    row_packs: tuple[tuple[int, ...], ...] = ()
 
     def __len__(self) -> int:
-        """How many tensors the norm kernels take: whole pieces, packs and blocks."""
-        return len(self.whole) + len(self.packs) + len(self.blocks)
+        """How many tensors the norm kernels take: whole pieces, packs, row packs and blocks."""
+        return len(self.whole) + len(self.packs) + len(self.row_packs) + len(self.blocks)
 
 
 def split_ranges(
@@ -73,20 +80,25 @@ def split_ranges(
 ) -> Pieces:
     """``(unit, start, stop, unit numel)`` ranges -> :class:`Pieces` by the module's rule.
 
-    Units are packed together only with units of the same ``keys`` entry (e.g. the group a
-    per-group norm counts them towards)."""
+    Without ``keys`` small whole units go into packs; with ``keys`` (e.g. the group a per-group
+    norm counts each range towards) into row packs by element count, each unit keeping its
+    norm and its key."""
     whole, blocks = [], []
     whole_keys, block_keys = [], []
-    packs: dict[object, list[list[int]]] = {}  # key -> packs, the last one still filling
+    packs: dict[object, list[list[int]]] = {}  # numel (row packs) or None -> packs, the last one filling
+    pack_keys: dict[object, list[list[object]]] = {}
     filled: dict[object, int] = {}
     for n, (unit, start, stop, numel) in enumerate(ranges):
         key = keys[n] if keys is not None else None
         if device.type == "cpu" and start == 0 and stop == numel and 0 < numel <= PACK_UP_TO:
-            if key not in packs or filled[key] + numel > ROWS_FROM:
-                packs.setdefault(key, []).append([])
-                filled[key] = 0
-            packs[key][-1].append(unit)
-            filled[key] += numel
+            kind = None if keys is None else numel
+            if kind not in packs or filled[kind] + numel > ROWS_FROM:
+                packs.setdefault(kind, []).append([])
+                pack_keys.setdefault(kind, []).append([])
+                filled[kind] = 0
+            packs[kind][-1].append(unit)
+            pack_keys[kind][-1].append(key)
+            filled[kind] += numel
         elif device.type != "cpu" or stop - start <= ROWS_FROM:
             whole.append((unit, start, stop, start == 0 and stop == numel))
             whole_keys.append(key)
@@ -98,23 +110,26 @@ def split_ranges(
             if start + rows * ROW < stop:
                 whole.append((unit, start + rows * ROW, stop, False))
                 whole_keys.append(key)
-    packed = tuple(tuple(pack) for key_packs in packs.values() for pack in key_packs)
+    every_pack = [tuple(pack) for kind_packs in packs.values() for pack in kind_packs]
+    packed, row_packs = (tuple(every_pack), ()) if keys is None else ((), tuple(every_pack))
     value_units = (
         [unit for unit, _, _, _ in whole]
         + [pack[0] for pack in packed]
+        + [unit for pack in row_packs for unit in pack]
         + [unit for unit, _, rows in blocks for _ in range(rows)]
     )
     value_keys = () if keys is None else tuple(
         whole_keys
-        + [key for key, key_packs in packs.items() for _ in key_packs]
+        + [key for kind_keys in pack_keys.values() for pack in kind_keys for key in pack]
         + [key for key, (_, _, rows) in zip(block_keys, blocks) for _ in range(rows)]
     )
-    return Pieces(tuple(whole), packed, tuple(blocks), tuple(value_units), value_keys)
+    return Pieces(tuple(whole), packed, tuple(blocks), tuple(value_units), value_keys, row_packs)
 
 
 def piece_tensors(pieces: Pieces, units: Sequence[Tensor]) -> tuple[list[Tensor], list[Tensor]]:
     """The tensors :func:`piece_norms` reduces: whole pieces (flat ranges or whole units), one
-    flat copy of each pack, and ``(rows, ROW)`` blocks viewed over the current ``units``."""
+    flat copy of each pack, and as blocks one ``(units, numel)`` copy of each row pack then the
+    ``(rows, ROW)`` blocks viewed over the current ``units``."""
     # Per unit, its elements in flat (row-major) order as (tensor, step): flat element k sits at
     # ``tensor.storage_offset() + k * step``.  A contiguous unit is that with step 1 as it is; any
     # other is flattened once, however many pieces it has: ``reshape(-1)`` gives a 1-D tensor, a
@@ -137,7 +152,10 @@ def piece_tensors(pieces: Pieces, units: Sequence[Tensor]) -> tuple[list[Tensor]
 
     whole = [units[u] if is_whole else view(u, start, (stop - start,)) for u, start, stop, is_whole in pieces.whole]
     whole += [flatten_dense_tensors([units[u] for u in pack]) for pack in pieces.packs]
-    blocks = [view(u, start, (rows, ROW)) for u, start, rows in pieces.blocks]
+    blocks = [
+        flatten_dense_tensors([units[u] for u in pack]).view(len(pack), -1) for pack in pieces.row_packs
+    ]
+    blocks += [view(u, start, (rows, ROW)) for u, start, rows in pieces.blocks]
     return whole, blocks
 
 

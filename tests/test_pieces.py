@@ -36,15 +36,28 @@ def test_a_long_cpu_range_becomes_blocks_of_rows_and_a_whole_remainder():
     assert pieces.value_units == (0, 1) + (0,) * rows
 
 
-def test_small_whole_cpu_units_are_packed_by_key_up_to_rows_from_elements():
+def test_small_whole_cpu_units_are_packed_up_to_rows_from_elements():
     small = PACK_UP_TO
     ranges = [(u, 0, small, small) for u in range(ROWS_FROM // small + 1)] + [(99, 0, 5, 5), (7, 0, 3, 10)]
-    keys = [0] * (len(ranges) - 2) + [1, 0]
+    pieces = split_ranges(ranges, torch.device("cpu"))
+    full = tuple(range(ROWS_FROM // small))
+    assert pieces.packs == (full, (ROWS_FROM // small, 99))  # a full pack, then the next
+    assert pieces.whole == ((7, 0, 3, False),)  # part of a unit: never packed
+    assert pieces.row_packs == ()
+    assert pieces.value_units == (7, 0, ROWS_FROM // small)
+
+
+def test_with_keys_small_whole_cpu_units_are_row_packed_by_element_count_each_keeping_its_key():
+    small = PACK_UP_TO
+    ranges = [(u, 0, small, small) for u in range(ROWS_FROM // small + 1)] + [(99, 0, 5, 5), (7, 0, 3, 10), (8, 0, 5, 5)]
+    keys = [u % 3 for u in range(ROWS_FROM // small + 1)] + [1, 0, 2]
     pieces = split_ranges(ranges, torch.device("cpu"), keys)
     full = tuple(range(ROWS_FROM // small))
-    assert pieces.packs == (full, (ROWS_FROM // small,), (99,))  # a full pack, the next, another key
-    assert pieces.whole == ((7, 0, 3, False),)  # part of a unit: never packed
-    assert pieces.value_units == (7, 0, ROWS_FROM // small, 99)
+    # Packs of one element count, whatever the keys: a full pack, the next, the 5-element units.
+    assert pieces.row_packs == (full, (ROWS_FROM // small,), (99, 8)) and pieces.packs == ()
+    assert pieces.whole == ((7, 0, 3, False),)
+    assert pieces.value_units == (7,) + full + (ROWS_FROM // small, 99, 8)
+    assert pieces.value_keys == (0,) + tuple(keys[: ROWS_FROM // small + 1]) + (1, 2)
 
 
 def test_ranges_on_other_devices_stay_whole():
