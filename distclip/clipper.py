@@ -133,6 +133,7 @@ class GradClipper:
         self._own_groups: list[str] = []  # the groups of this rank's parameters, in their order
         self.layout: Layout | None = None  # the agreed names (distclip.layout); made at the first step
         self._relayout = NextCall()
+        self._unplaced_metrics: list[tuple[str, str]] = []  # passed since the last agreement, not in it
 
         self.backward_partials: BackwardPartials | None = None
         if overlap and self.source.fsdp1 is not None:
@@ -177,11 +178,22 @@ class GradClipper:
 
     def _agree_on_names(self, metric_names: list[tuple[str, str]]) -> None:
         """Agree on the layout of group norms and metrics with every rank: at the first step,
-        and at the step after a rank had names the layout lacked (its flag, read now)."""
+        and at the step after a rank had names the layout lacked (its flag, read now).  Metric
+        names are never dropped: the layout's, those this rank passed since that it lacked, and
+        this step's (a metric passed every few steps keeps its slot)."""
         flag = self._relayout.take()
         if self.layout is None or (flag is not None and flag[0] != 0):
-            self.layout = agree(self._own_groups, metric_names, self.topology)
+            known = [] if self.layout is None else self.layout.metrics
+            metrics = list(dict.fromkeys([*known, *self._unplaced_metrics, *metric_names]))
+            self.layout = agree(self._own_groups, metrics, self.topology)
+            self._unplaced_metrics = []
             self._layouts += 1
+
+    def _lacks_names(self, layout: Layout, metric_names: list[tuple[str, str]]) -> bool:
+        """Whether this rank has names ``layout`` lacks (metric names it lacks are kept for the
+        next agreement)."""
+        self._unplaced_metrics += [m for m in metric_names if m not in layout.metrics and m not in self._unplaced_metrics]
+        return layout.lacks(self._own_groups, metric_names)
 
     @property
     def group_names(self) -> list[str]:
@@ -272,7 +284,7 @@ class GradClipper:
             contribution = plan.contribution(
                 local, self.pnorm, self.foreach, wide=loss_scale is not None, partials=partials, problems=problems,
                 checks=checks, extra=extra,
-                relayout=layout_now.lacks(self._own_groups, metric_names),
+                relayout=self._lacks_names(layout_now, metric_names),
             )
         except Exception as error:
             extra_size = 2 + sum(metric_slots(kind, ranks) for _, kind in layout_now.metrics)
@@ -283,9 +295,10 @@ class GradClipper:
         norms = reduced.norms
         metric_values = decode(reduced.extra[2:], layout_now.metrics, ranks)
         divisor = self._divisor(metric_values, norms.device)
-        if loss_scale is not None:
+        # The norm of c * g is |c| times g's for every p but 0: a count of nonzeros does not scale.
+        if loss_scale is not None and self.pnorm.p != 0:
             norms = norms / loss_scale.to(norms.device, torch.float64)
-        if divisor is not None:
+        if divisor is not None and self.pnorm.p != 0:
             norms = norms / divisor
         norms = norms.to(device=plan.out_device, dtype=plan.out_dtype)
         result = decide(

@@ -118,3 +118,45 @@ def _token_weighted(fused):
 @pytest.mark.parametrize("fused", [False, True], ids=["foreach", "fused"])
 def test_a_token_weighted_loss_divides_by_the_global_token_count_from_the_same_all_reduce(ranks, fused):
     ranks(2).run(_token_weighted, fused)
+
+
+def _periodic_metric() -> list[list[str]]:
+    """``max_logit`` passed on every third step only, not on the first: each rank's collectives
+    per step, after checking the metric's value on the steps it is passed."""
+    rank, world = dist.get_rank(), dist.get_world_size()
+    model = DDP(build())
+    clipper = distclip.GradClipper(model, max_norm=1.0)
+    issued_per_step = []
+    for step in range(8):
+        model.zero_grad(set_to_none=True)
+        backward(model, batch(rank, seed=step))
+        metrics = {"tokens": distclip.Sum(torch.tensor(4.0))}
+        if step % 3 == 2:
+            metrics["max_logit"] = distclip.Max(torch.tensor(10.0 + rank))
+        with collectives() as issued:
+            result = clipper.clip_(metrics=metrics)
+        issued_per_step.append(issued)
+        if step % 3 == 2 and step > 2:  # once agreed (after step 2), every passing step reports it
+            assert result.metrics["max_logit"].item() == 9.0 + world, (step, result.metrics)
+        if step > 3:
+            assert math.isnan(result.metrics["max_logit"].item()) == (step % 3 != 2), (step, result.metrics)
+    return issued_per_step
+
+
+def test_a_metric_passed_every_few_steps_keeps_its_slot_once_agreed(ranks):
+    for issued_per_step in ranks(2).run(_periodic_metric):
+        # Agreement at the first step, and once more at the step after the metric first came.
+        agreements = [step for step, issued in enumerate(issued_per_step) if issued != clipper_step(first=False)]
+        assert agreements == [0, 3], issued_per_step
+
+
+def test_a_count_of_nonzeros_is_not_divided_by_the_divisor_or_the_loss_scale():
+    model = build()
+    for p in model.parameters():
+        p.grad = torch.ones_like(p)
+    count = sum(p.numel() for p in model.parameters())
+    clipper = distclip.GradClipper(model, max_norm=1e9, norm_type=0, divide_by="tokens")
+    result = clipper.clip_(metrics={"tokens": distclip.Sum(torch.tensor(8.0))})
+    assert result.total_norm.item() == count
+    for p in model.parameters():  # the gradients are still divided by the token count
+        torch.testing.assert_close(p.grad, torch.full_like(p, 1 / 8))
