@@ -134,6 +134,7 @@ class GradClipper:
         self.layout: Layout | None = None  # the agreed names (distclip.layout); made at the first step
         self._relayout = NextCall()
         self._unplaced_metrics: list[tuple[str, str]] = []  # passed since the last agreement, not in it
+        self._follow_failure: Exception | None = None  # raised while re-reading the model
 
         self.backward_partials: BackwardPartials | None = None
         if overlap and self.source.fsdp1 is not None:
@@ -201,9 +202,14 @@ class GradClipper:
         return [] if self.layout is None else self.layout.groups
 
     def _follow_model(self) -> None:
-        """Re-read the model (a list stays as it is): new parameters are clipped from this step."""
-        if self.source.refresh() and self.backward_partials is not None:
-            self.backward_partials.watch(self.source.params)
+        """Re-read the model (a list stays as it is): new parameters are clipped from this step.
+        What this raises is kept for the step's reduction, so that every rank raises it."""
+        try:
+            refreshed = self.source.refresh()
+            if self.backward_partials is not None:
+                self.backward_partials.watch(self.source.params, unfrozen_only=not refreshed)
+        except Exception as error:
+            self._follow_failure = error
 
     def _gradients(self) -> Gradients:
         """This step's gradients, Partial ones reduced in place (a collective: before anything
@@ -254,6 +260,9 @@ class GradClipper:
         gradients, metric_names = None, []
         try:
             gradients = self._gradients()
+            if self._follow_failure is not None:
+                failure, self._follow_failure = self._follow_failure, None
+                raise failure
             self._assign_groups()
             metric_names = names_of(metrics)
         except Exception as error:  # still agree on names below, with what this rank has

@@ -95,6 +95,7 @@ class BackwardPartials:
         # Per parameter id: (plan, the gradient's storage owner, address, version, partial).
         self._records: dict[int, tuple[NormPlan, Tensor, int, int, Tensor]] = {}
         self._watched: set[int] = set()
+        self._frozen: list[Tensor] = []  # parameters not watched because they do not require grad
         self._warned: set[str] = set()
         self.steps_used = 0  # steps whose partials all came from backward
         self.steps_fallen_back = 0  # steps that took the normal pass although partials were taken
@@ -105,15 +106,28 @@ class BackwardPartials:
         if self._ddp:
             self._hook_ddp(ddp)
 
-    def watch(self, params: Sequence[Tensor]) -> None:
+    def watch(self, params: Sequence[Tensor], unfrozen_only: bool = False) -> None:
         """Take the partials of ``params``' gradients in backward (hooks on those not yet
-        watched; a DDP module's communication hook already covers its parameters)."""
+        watched; a DDP module's communication hook already covers its parameters).  A frozen
+        parameter takes no hook (torch refuses one): it is watched from the call after it is
+        unfrozen (``unfrozen_only``: look only at those), its first gradient normed by the
+        normal pass."""
         if self._ddp:
             return
+        if unfrozen_only:
+            if not any(p.requires_grad for p in self._frozen):
+                return
+            params = self._frozen
+        frozen = []
         for param in params:
-            if id(param) not in self._watched:
-                self._watched.add(id(param))
-                param.register_post_accumulate_grad_hook(self._hook())
+            if id(param) in self._watched:
+                continue
+            if not param.requires_grad:
+                frozen.append(param)
+                continue
+            self._watched.add(id(param))
+            param.register_post_accumulate_grad_hook(self._hook())
+        self._frozen = frozen
 
     def _hook_ddp(self, ddp: DistributedDataParallel) -> None:
         """DDP's all-reduce comes after the post-accumulate-grad hooks: take the partials from

@@ -106,6 +106,24 @@ def test_a_gradient_edited_after_backward_is_normed_as_edited():
     assert [str(w.message) for w in caught if "overlap" in str(w.message)], "no warning for the fallback"
 
 
+def test_a_frozen_layer_is_watched_from_the_step_after_it_is_unfrozen():
+    model = build()
+    model.layers[0].weight.requires_grad_(False)  # a frozen base layer: torch takes no hook on it
+    clipper = distclip.GradClipper(model, max_norm=1e9, overlap=True)
+    for step in range(4):
+        if step == 1:
+            model.layers[0].weight.requires_grad_(True)
+        model.zero_grad(set_to_none=True)
+        backward(model, batch(0, seed=step))
+        expected = reference_norm({n: p.grad.double() for n, p in model.named_parameters() if p.grad is not None}, 2.0)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # the step the unfrozen layer's gradient has no partial
+            result = clipper.clip_()
+        assert_close_norm(result.total_norm.item(), expected, 2.0, rtol=1e-6)
+    # Step 0 had no plan; step 1 normed the newly unfrozen gradient by the normal pass.
+    assert clipper.backward_partials.steps_used == 2
+
+
 def test_accumulated_micro_batches_use_the_partial_of_the_final_gradient():
     model = build()
     clipper = distclip.GradClipper(model, max_norm=1e9, overlap=True)
