@@ -20,6 +20,7 @@ the total.
 from __future__ import annotations
 
 import collections
+import copy
 import warnings
 from typing import Iterable, Mapping, Union
 
@@ -35,7 +36,7 @@ from distclip.gradients import Gradients, Parameters
 from distclip.groups import Assignment, GroupsSpec, check_groups, group_of_holders
 from distclip.layout import Layout, agree
 from distclip.layout import checks as layout_checks
-from distclip.metrics import Metric, bad_value, decode, encode, names_of
+from distclip.metrics import Metric, bad_scalar, bad_value, decode, encode, local_scalar, names_of
 from distclip.metrics import slots as metric_slots
 from distclip.overlap import ASSUME_FINAL, BackwardPartials, check_overlap
 from distclip.partial import reduce_partial_gradients_
@@ -269,6 +270,13 @@ class GradClipper:
             failure = error
         self._agree_on_names(metric_names)
         layout_now = self.layout
+        if self.divide_by is not None and self.divide_by not in layout_now.metric_names:
+            # The layout is the same on every rank: so is this error, raised before the all-reduce.
+            raise ValueError(
+                f"distclip: divide_by={self.divide_by!r} names no metric any rank passed (metrics: "
+                f"{sorted(layout_now.metric_names)}): pass it at every step, e.g. "
+                f"clip_(metrics={{{self.divide_by!r}: distclip.Sum(tokens)}})"
+            )
         ranks, position = len(self.topology.group_ranks), self.topology.group_ranks.index(self.topology.rank)
         device = reduction_device(self.topology, fallback=torch.device("cpu"))
         checks = layout_checks(layout_now, metric_names, device)
@@ -282,7 +290,7 @@ class GradClipper:
             if self.backward_partials is not None:
                 partials = self.backward_partials.take(plan, local, gradients.params)
                 self.backward_partials.use_plan(plan, gradients.params)
-            loss_terms, problems = _loss_terms(loss, plan.device)
+            loss_terms, problems = _step_terms(loss, tolerated, plan.device)
             bad_metric = bad_value(metrics)
             if bad_metric is not None:
                 problems[Problem.INVALID_METRIC] = bad_metric
@@ -296,13 +304,13 @@ class GradClipper:
                 relayout=self._lacks_names(layout_now, metric_names),
             )
         except Exception as error:
-            extra_size = 2 + sum(metric_slots(kind, ranks) for _, kind in layout_now.metrics)
+            extra_size = STEP_TERMS + sum(metric_slots(kind, ranks) for _, kind in layout_now.metrics)
             contribution = failed_contribution(error, 1 + len(layout_now.groups), extra_size, checks, self.pnorm, device)
         reduced = all_reduce_contributions(contribution, self.pnorm, self.topology)
         self._relayout.put(reduced.relayout.reshape(1))  # before raising: every rank keeps it
         raise_problems(reduced, contribution, self.topology)
         norms = reduced.norms
-        metric_values = decode(reduced.extra[2:], layout_now.metrics, ranks)
+        metric_values = decode(reduced.extra[STEP_TERMS:], layout_now.metrics, ranks)
         divisor = self._divisor(metric_values, norms.device)
         # The norm of c * g is |c| times g's for every p but 0: a count of nonzeros does not scale.
         if loss_scale is not None and self.pnorm.p != 0:
@@ -319,7 +327,7 @@ class GradClipper:
             skip_spikes=self.skip_spikes,
             locate=lambda: nonfinite_location.describe(self.nonfinite_report()),
             step=self.steps,
-            tolerated=tolerated,
+            tolerated=None if tolerated is None else reduced.extra[2] == ranks,
             divisor=divisor,
         )
         result.group_names, result.own_groups = layout_now.groups, self._own_groups
@@ -501,10 +509,17 @@ class GradClipper:
                 + ", ".join(f"{name}={mine!r} (the checkpoint has {theirs!r})" for name, (theirs, mine) in differing.items()),
                 stacklevel=2,
             )
+        # All or nothing: a spike state that cannot apply leaves the threshold policy as it was.
+        policy_before = None if self.policy is None else copy.deepcopy(self.policy.state_dict())
         if self.policy is not None:
             self.policy.load_state_dict(state["threshold_policy"])
         if self.skip_spikes is not None:
-            self.skip_spikes.load_state_dict(state["skip_spikes"])
+            try:
+                self.skip_spikes.load_state_dict(state["skip_spikes"])
+            except Exception:
+                if policy_before is not None:
+                    self.policy.load_state_dict(policy_before)
+                raise
         self.steps = int(state["steps"])
         self._clipped_steps.fill_(int(state["clipped_steps"]))
         self._nonfinite_steps.fill_(int(state["nonfinite_steps"]))
@@ -520,17 +535,24 @@ def _slots(assigned: Assignment, slot: dict[str, int]) -> int | tuple[tuple[int,
     return -1 if assigned is None else slot.get(assigned, -1)
 
 
-def _loss_terms(loss: Tensor | None, device: torch.device) -> tuple[Tensor, dict[Problem, str]]:
-    """``[loss, 1]`` (``[0, 0]`` without one) in float64 on ``device``, to be summed over the
-    group; a loss that is not a 0-dim floating tensor is a problem every rank raises."""
-    if loss is None:
-        return torch.zeros(2, dtype=torch.float64, device=device), {}
-    if not isinstance(loss, Tensor) or loss.dim() != 0 or not loss.is_floating_point():
-        shape = tuple(loss.shape) if isinstance(loss, Tensor) else None
-        what = f"a {type(loss).__name__}" if shape is None else f"a tensor of shape {shape} and dtype {loss.dtype}"
-        return torch.zeros(2, dtype=torch.float64, device=device), {Problem.INVALID_LOSS: f"got {what}"}
-    value = loss.detach().to(device=device, dtype=torch.float64).reshape(1)
-    return torch.cat([value, torch.ones(1, dtype=torch.float64, device=device)]), {}
+STEP_TERMS = 3  # the entries of _step_terms, ahead of the metrics in the reduction's extra vector
+
+
+def _step_terms(loss: Tensor | None, tolerated: Tensor | None, device: torch.device) -> tuple[Tensor, dict[Problem, str]]:
+    """``[loss, 1, found_inf]`` (``[0, 0, ...]`` without a loss) in float64 on ``device``, to be
+    summed over the group; a loss that is not a 0-dim floating tensor is a problem every rank
+    raises.  ``found_inf`` is 1 where the optimizer skips this step anyway (``tolerated``):
+    its sum says whether every rank's optimizer does (GradScaler's ``found_inf`` is per rank
+    where no ``unscale_`` all-reduced it), so that every rank decides the same."""
+    skipped = torch.zeros(1, dtype=torch.float64, device=device)
+    if tolerated is not None:
+        skipped = (tolerated.detach().to(device).reshape(1) != 0).to(torch.float64)
+    wrong = None if loss is None else bad_scalar(loss)
+    if loss is None or wrong is not None:
+        problems = {} if loss is None else {Problem.INVALID_LOSS: f"got {wrong}"}
+        return torch.cat([torch.zeros(2, dtype=torch.float64, device=device), skipped]), problems
+    value = local_scalar(loss).to(device=device, dtype=torch.float64).reshape(1)
+    return torch.cat([value, torch.ones(1, dtype=torch.float64, device=device), skipped]), {}
 
 
 class _Attachment:

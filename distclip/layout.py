@@ -9,9 +9,10 @@ with their kinds) in one gather of Python objects (:mod:`distclip.exchange`); th
 name in the order the ranks list them, rank by rank.  Every rank lays out its vector by it,
 writing the identity where it has nothing.  When a rank later has a name the layout lacks (a new
 adapter's group, a metric passed for the first time), it cannot place it: that step it raises a
-flag in the all-reduce, and the name's value is missing from the step's result (a group norm, a
-metric: NaN); at the next step every rank, having read the flag without waiting for the device
-(:mod:`distclip.deferred`), agrees again.  So a name new on a step is reported from the next step
+flag in the all-reduce, and the name's value is missing from the step's result (a group norm:
+absent; a metric: absent, and NaN on later steps it is not passed); at the next step every rank,
+having read the flag without waiting for the device (:mod:`distclip.deferred`), agrees again,
+keeping the metric names already agreed.  So a name new on a step is reported from the next step
 on, and the agreement's gather runs only on the first step and on steps after a change.
 
 Every all-reduce carries a fingerprint of the layout each rank used and of the metric names

@@ -32,6 +32,7 @@ from typing import ClassVar, Mapping, Sequence
 
 import torch
 from torch import Tensor
+from torch.distributed.tensor import DTensor
 
 
 @dataclass(frozen=True)
@@ -86,11 +87,26 @@ def names_of(metrics: Mapping[str, Metric] | None) -> list[tuple[str, str]]:
 def bad_value(metrics: Mapping[str, Metric] | None) -> str | None:
     """What is wrong with the first value that is not a 0-dim floating tensor, if any."""
     for name, metric in (metrics or {}).items():
-        value = metric.value
-        if not isinstance(value, Tensor) or value.dim() != 0 or not value.is_floating_point():
-            what = type(value).__name__ if not isinstance(value, Tensor) else f"shape {tuple(value.shape)}, {value.dtype}"
-            return f"metric {name!r} must be a 0-dim floating tensor, got {what}"
+        wrong = bad_scalar(metric.value)
+        if wrong is not None:
+            return f"metric {name!r} must be a 0-dim floating tensor, got {wrong}"
     return None
+
+
+def bad_scalar(value: object) -> str | None:
+    """What is wrong with ``value`` as this rank's scalar (a loss, a metric), if anything.  A
+    DTensor is taken where it is replicated (``loss_parallel``'s loss): its local value is this
+    rank's; a Partial or sharded one holds only part of it here."""
+    if isinstance(value, DTensor) and not all(p.is_replicate() for p in value.placements):
+        return f"a DTensor with placements {value.placements} (pass value.full_tensor())"
+    if not isinstance(value, Tensor) or value.dim() != 0 or not value.is_floating_point():
+        return type(value).__name__ if not isinstance(value, Tensor) else f"shape {tuple(value.shape)}, {value.dtype}"
+    return None
+
+
+def local_scalar(value: Tensor) -> Tensor:
+    """``value`` as a plain tensor (a replicated DTensor's local value), detached."""
+    return (value.to_local() if isinstance(value, DTensor) else value).detach()
 
 
 def slots(kind: str, ranks: int) -> int:
@@ -116,13 +132,13 @@ def encode(
             if metric is None or metric.kind != kind:
                 parts.append(torch.zeros(2, dtype=torch.float64, device=device))
             else:
-                value = metric.value.detach().to(device=device, dtype=torch.float64).reshape(1)
+                value = local_scalar(metric.value).to(device=device, dtype=torch.float64).reshape(1)
                 parts.append(torch.cat([value, torch.ones(1, dtype=torch.float64, device=device)]))
             continue
         if metric is None or metric.kind != kind:
             value = torch.full((), _ABSENT[kind], dtype=torch.float64, device=device)
         else:
-            value = metric.value.detach().to(device=device, dtype=torch.float64)
+            value = local_scalar(metric.value).to(device=device, dtype=torch.float64)
         # This rank's entry of the row, the others 0 (no index made from host values: no copy).
         mine = torch.arange(ranks, device=device) == position
         parts.append(torch.where(mine, value, torch.zeros((), dtype=torch.float64, device=device)))

@@ -45,7 +45,10 @@ def locate(named: Sequence[tuple[str, Tensor]], topology: Topology) -> Nonfinite
 def describe(report: NonfiniteReport, limit: int = 20) -> str:
     """The report as one line: ``name (ranks 0, 1); ...``, at most ``limit`` names."""
     if not report:
-        return "no local gradient holds NaN/inf (the non-finite value came from the reduction itself)"
+        return (
+            "no gradient: no rank's gradients hold NaN/inf (the non-finite value came from the reduction itself: "
+            "a divide_by metric no rank passed this step, or a norm too large for its dtype)"
+        )
     parts = [f"{name} (rank{'s' if len(r) > 1 else ''} {', '.join(map(str, r))})" for name, r in report.items()]
     more = f"; and {len(parts) - limit} more" if len(parts) > limit else ""
     return "; ".join(parts[:limit]) + more

@@ -321,3 +321,31 @@ def _fsdp1_two_heads():
 def test_fsdp1_units_holding_the_gradients_in_turn_are_each_planned(ranks):
     norms = ranks(2).run(_fsdp1_two_heads)
     assert norms[0] == norms[1]
+
+
+def _overflow_in_one_ranks_shard() -> str:
+    """FSDP1 + ShardedGradScaler + a fused AdamW, ``scaler.step`` without ``unscale_``: the
+    scaler's ``found_inf`` is per rank there.  An overflow in rank 0's shard only: rank 0's
+    optimizer skips the step, rank 1's does not, so the non-finite norm is an error on every
+    rank (a rank that tolerated it alone left the other waiting in the error's report)."""
+    from torch.distributed.fsdp.sharded_grad_scaler import ShardedGradScaler
+
+    torch.manual_seed(0)
+    model = FSDP(nn.Sequential(nn.Linear(8, 8), nn.Tanh(), nn.Linear(8, 1)), device_id=torch.device("cpu"))
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3, fused=True)
+    clipper = distclip.GradClipper(model, max_norm=1.0, nonfinite="error")
+    clipper.attach(optimizer)
+    scaler = ShardedGradScaler("cpu", init_scale=2.0**10)
+    scaler.scale(model(torch.randn(4, 8)).sum()).backward()
+    if dist.get_rank() == 0:
+        next(model.parameters()).grad[0] = float("inf")
+    try:
+        scaler.step(optimizer)
+    except RuntimeError as error:
+        return str(error)
+    return "stepped"
+
+
+def test_a_non_finite_norm_is_tolerated_only_where_every_ranks_optimizer_skips_the_step(ranks):
+    outcomes = ranks(2).run(_overflow_in_one_ranks_shard)
+    assert all("the global gradient norm is non-finite" in outcome for outcome in outcomes), outcomes

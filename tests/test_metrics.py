@@ -160,3 +160,37 @@ def test_a_count_of_nonzeros_is_not_divided_by_the_divisor_or_the_loss_scale():
     assert result.total_norm.item() == count
     for p in model.parameters():  # the gradients are still divided by the token count
         torch.testing.assert_close(p.grad, torch.full_like(p, 1 / 8))
+
+
+def _dtensor_scalars() -> list[str]:
+    """A replicated 0-dim DTensor (``loss_parallel``'s loss) is this rank's value; a Partial one
+    holds only part of it here: refused on every rank, naming the fix."""
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.tensor import DTensor, Partial, Replicate
+
+    mesh = init_device_mesh("cpu", (dist.get_world_size(),))
+    model = DDP(build())
+    backward(model, batch(dist.get_rank()))
+    clipper = distclip.GradClipper(model, max_norm=1.0)
+    replicated = DTensor.from_local(torch.tensor(3.0), mesh, [Replicate()])
+    result = clipper.clip_(loss=replicated, metrics={"z": distclip.Max(replicated)})
+    assert result.loss.item() == 3.0 and result.metrics["z"].item() == 3.0, (result.loss, result.metrics)
+    partial = DTensor.from_local(torch.tensor(1.5), mesh, [Partial()])
+    with pytest.raises(ValueError) as caught:
+        clipper.clip_(metrics={"z": distclip.Max(partial)})
+    return str(caught.value)
+
+
+def test_a_replicated_dtensor_loss_or_metric_is_taken_and_a_partial_one_refused_on_every_rank(ranks):
+    for message in ranks(2).run(_dtensor_scalars):
+        assert "DTensor with placements (Partial(sum),) (pass value.full_tensor())" in message, message
+
+
+def test_divide_by_a_metric_no_rank_passes_is_a_value_error_naming_it():
+    model = build()
+    for p in model.parameters():
+        p.grad = torch.ones_like(p)
+    clipper = distclip.GradClipper(model, divide_by="tokens")
+    with pytest.raises(ValueError, match=r"divide_by='tokens' names no metric any rank passed \(metrics: \['token'\]\)"):
+        clipper.clip_(metrics={"token": distclip.Sum(torch.tensor(8.0))})
+    assert all(torch.equal(p.grad, torch.ones_like(p)) for p in model.parameters())

@@ -612,3 +612,21 @@ def test_bad_loss_without_a_process_group_raises_and_modifies_nothing():
     with pytest.raises(ValueError, match="`loss` must be None or a 0-dim floating-point tensor"):
         clipper.clip_(loss=torch.ones(2))
     assert all(torch.equal(p.grad, b) for p, b in zip(model.parameters(), before)), "gradients were modified"
+
+
+def test_a_checkpoint_whose_spike_state_cannot_apply_leaves_the_threshold_policy_as_it_was():
+    model = torch.nn.Linear(4, 1)
+
+    def clipper(window):
+        return distclip.GradClipper(model, max_norm=distclip.ZClip(warmup_steps=2), skip_spikes=distclip.SpikeSkip(window=window))
+
+    saved, mine = clipper(128), clipper(64)
+    for steps, made in ((5, saved), (1, mine)):
+        for _ in range(steps):
+            model.zero_grad()
+            model(torch.randn(8, 4)).sum().backward()
+            made.clip_()
+    before = repr(mine.state_dict())  # repr: NaN slots compare equal as text
+    with pytest.raises(ValueError, match="window=128, this one window=64"):
+        mine.load_state_dict(saved.state_dict())
+    assert repr(mine.state_dict()) == before
