@@ -7,6 +7,7 @@ import torch.distributed as dist
 from torch import nn
 from torch.distributed.device_mesh import DeviceMesh, init_device_mesh
 from torch.distributed.fsdp import fully_shard
+from torch.distributed.tensor import distribute_tensor
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 NORM_TYPES = [2.0, 1.0, 3.0, 0.5, 0.0, float("inf"), float("-inf")]
@@ -60,3 +61,17 @@ def backward(model: nn.Module, x: torch.Tensor) -> None:
     out = model(x)
     out = out.full_tensor() if hasattr(out, "full_tensor") else out
     (out.float() ** 2).mean().backward()
+
+
+def parameter(shape, mesh=None, placements=None, seed: int = 0) -> nn.Parameter:
+    """A parameter whose value and gradient are ``seed``'s random values: DTensors distributed
+    over ``mesh`` as ``placements`` say, or plain tensors."""
+    generator = torch.Generator().manual_seed(seed)
+    value, grad = torch.randn(shape, generator=generator), torch.randn(shape, generator=generator)
+    if mesh is None:
+        param = nn.Parameter(value)
+        param.grad = grad
+        return param
+    param = nn.Parameter(distribute_tensor(value, mesh, placements))
+    param.grad = distribute_tensor(grad, mesh, placements)
+    return param

@@ -13,27 +13,12 @@ from __future__ import annotations
 
 import torch
 import torch.distributed as dist
-from torch import nn
 from torch.distributed.device_mesh import init_device_mesh
-from torch.distributed.tensor import Replicate, Shard, distribute_tensor
+from torch.distributed.tensor import Replicate, Shard
 
 import distclip
-from models import NORM_TYPES
+from models import NORM_TYPES, parameter
 from reference import assert_same_on_all_ranks, clip_and_check, gather_objects
-
-
-def _parameter(shape, seed, mesh=None, placements=None) -> nn.Parameter:
-    """A parameter whose gradient is ``seed``'s random values: a DTensor distributed over
-    ``mesh`` as ``placements`` say, or a plain tensor."""
-    generator = torch.Generator().manual_seed(seed)
-    value, grad = torch.randn(shape, generator=generator), torch.randn(shape, generator=generator)
-    if mesh is None:
-        param = nn.Parameter(value)
-        param.grad = grad
-        return param
-    param = nn.Parameter(distribute_tensor(value, mesh, placements))
-    param.grad = distribute_tensor(grad, mesh, placements)
-    return param
 
 
 def _assert_copy_sets_consistent(parameters, replica_group) -> list[tuple[int, ...]]:
@@ -75,9 +60,9 @@ def _tp_stage_with_dp_replicas():
 
     def named_parameters():
         return [
-            ("sharded", _parameter((6, 5), 1, mesh["tp"], [Shard(0)])),
-            ("replicated", _parameter((7,), 2, mesh["tp"], [Replicate()])),
-            (f"plain_tp{tp_rank}", _parameter((3, 4), 10 + tp_rank)),
+            ("sharded", parameter((6, 5), mesh["tp"], [Shard(0)], seed=1)),
+            ("replicated", parameter((7,), mesh["tp"], [Replicate()], seed=2)),
+            (f"plain_tp{tp_rank}", parameter((3, 4), seed=10 + tp_rank)),
         ]
 
     copies = _assert_copy_sets_consistent([p for _, p in named_parameters()], mesh["dp"])
@@ -99,9 +84,9 @@ def _tp_stages_without_replicas():
     def named_parameters():
         seed = 100 * stage
         return [
-            (f"sharded_s{stage}", _parameter((6, 5), seed + 1, mesh["tp"], [Shard(0)])),
-            (f"replicated_s{stage}", _parameter((7,), seed + 2, mesh["tp"], [Replicate()])),
-            (f"plain_s{stage}_tp{tp_rank}", _parameter((3, 4), seed + 10 + tp_rank)),
+            (f"sharded_s{stage}", parameter((6, 5), mesh["tp"], [Shard(0)], seed=seed + 1)),
+            (f"replicated_s{stage}", parameter((7,), mesh["tp"], [Replicate()], seed=seed + 2)),
+            (f"plain_s{stage}_tp{tp_rank}", parameter((3, 4), seed=seed + 10 + tp_rank)),
         ]
 
     copies = _assert_copy_sets_consistent([p for _, p in named_parameters()], alone)
@@ -123,9 +108,9 @@ def _tp_of_one_stages_with_dp_replicas():
     def named_parameters():
         seed = 100 * stage
         return [
-            (f"sharded_s{stage}", _parameter((6, 5), seed + 1, mesh["tp"], [Shard(0)])),
-            (f"replicated_s{stage}", _parameter((7,), seed + 2, mesh["tp"], [Replicate()])),
-            (f"plain_s{stage}", _parameter((3, 4), seed + 10)),
+            (f"sharded_s{stage}", parameter((6, 5), mesh["tp"], [Shard(0)], seed=seed + 1)),
+            (f"replicated_s{stage}", parameter((7,), mesh["tp"], [Replicate()], seed=seed + 2)),
+            (f"plain_s{stage}", parameter((3, 4), seed=seed + 10)),
         ]
 
     copies = _assert_copy_sets_consistent([p for _, p in named_parameters()], mesh["dp"])
@@ -146,9 +131,9 @@ def _dp_mesh_with_tp_replicas():
 
     def named_parameters():
         return [
-            ("replicated", _parameter((7,), 2, mesh["dp"], [Replicate()])),
-            ("sharded", _parameter((5, 3), 1, mesh["dp"], [Shard(0)])),
-            (f"plain_dp{dp_rank}", _parameter((3, 4), 10 + dp_rank)),
+            ("replicated", parameter((7,), mesh["dp"], [Replicate()], seed=2)),
+            ("sharded", parameter((5, 3), mesh["dp"], [Shard(0)], seed=1)),
+            (f"plain_dp{dp_rank}", parameter((3, 4), seed=10 + dp_rank)),
         ]
 
     copies = _assert_copy_sets_consistent([p for _, p in named_parameters()], mesh["tp"])
@@ -170,11 +155,11 @@ def _stage_ranks_as_replica_group():
 
     def named_parameters():
         return [
-            ("tp_sharded", _parameter((6, 5), 1, mesh["tp"], [Shard(0)])),
-            ("tp_replicated", _parameter((7,), 2, mesh["tp"], [Replicate()])),
-            ("dp_sharded", _parameter((5, 3), 3, mesh["dp"], [Shard(0)])),
-            ("dp_replicated", _parameter((4,), 4, mesh["dp"], [Replicate()])),
-            ("plain", _parameter((3, 4), 5)),
+            ("tp_sharded", parameter((6, 5), mesh["tp"], [Shard(0)], seed=1)),
+            ("tp_replicated", parameter((7,), mesh["tp"], [Replicate()], seed=2)),
+            ("dp_sharded", parameter((5, 3), mesh["dp"], [Shard(0)], seed=3)),
+            ("dp_replicated", parameter((4,), mesh["dp"], [Replicate()], seed=4)),
+            ("plain", parameter((3, 4), seed=5)),
         ]
 
     copies = _assert_copy_sets_consistent([p for _, p in named_parameters()], stage)
@@ -194,7 +179,7 @@ def _twisted_replica_group():
     named, so the layout is ambiguous."""
     mesh = init_device_mesh("cpu", (2, 2), mesh_dim_names=("dp", "tp"))
     twisted, _ = dist.new_subgroups_by_enumeration([[0, 3], [1, 2]])
-    grads = [_parameter((6, 5), 1, mesh["tp"], [Shard(0)]).grad]
+    grads = [parameter((6, 5), mesh["tp"], [Shard(0)], seed=1).grad]
     try:
         distclip.get_total_norm(grads, replica_group=twisted)
     except ValueError as error:
@@ -213,7 +198,7 @@ def _replica_groups_not_alike_across_tp():
     disagree about the set, which the copy check in the all-reduce reports."""
     mesh = init_device_mesh("cpu", (2, 2), mesh_dim_names=("dp", "tp"))
     unlike, _ = dist.new_subgroups_by_enumeration([[0, 2], [1], [3]])
-    grads = [_parameter((7,), 2, mesh["tp"], [Replicate()]).grad]
+    grads = [parameter((7,), mesh["tp"], [Replicate()], seed=2).grad]
     try:
         distclip.get_total_norm(grads, replica_group=unlike)
     except ValueError as error:

@@ -3,36 +3,23 @@
 import pytest
 import torch
 import torch.distributed as dist
-from torch import nn
 from torch.distributed.device_mesh import init_device_mesh
-from torch.distributed.tensor import Replicate, Shard, distribute_tensor
+from torch.distributed.tensor import Replicate, Shard
 
-from models import NORM_TYPES
+from models import NORM_TYPES, parameter
 from reference import assert_same_on_all_ranks_in_every_case, clip_and_check_each
-
-
-def _parameter(shape, mesh=None, placements=None, seed=0):
-    generator = torch.Generator().manual_seed(seed)
-    value, grad = torch.randn(shape, generator=generator), torch.randn(shape, generator=generator)
-    if mesh is None:
-        param = nn.Parameter(value)
-        param.grad = grad
-        return param
-    param = nn.Parameter(distribute_tensor(value, mesh, placements))
-    param.grad = distribute_tensor(grad, mesh, placements)
-    return param
 
 
 def _mixed_meshes_clip(dp, ep):
     world = init_device_mesh("cpu", (dp * ep,), mesh_dim_names=("world",))
     root = init_device_mesh("cpu", (dp, ep), mesh_dim_names=("dp", "ep"))
     named = [
-        ("dense", _parameter((12, 5), world, [Shard(0)], seed=1)),
-        ("experts", _parameter((4, 6, 3), root, [Replicate(), Shard(0)], seed=2)),
-        ("expert_bias", _parameter((4, 3), root, [Shard(1), Shard(0)], seed=3)),
-        ("router", _parameter((6,), root["ep"], [Replicate()], seed=4)),
-        ("shared", _parameter((5, 3), root["dp"], [Shard(0)], seed=5)),
-        ("plain", _parameter((7,), seed=6)),
+        ("dense", parameter((12, 5), world, [Shard(0)], seed=1)),
+        ("experts", parameter((4, 6, 3), root, [Replicate(), Shard(0)], seed=2)),
+        ("expert_bias", parameter((4, 3), root, [Shard(1), Shard(0)], seed=3)),
+        ("router", parameter((6,), root["ep"], [Replicate()], seed=4)),
+        ("shared", parameter((5, 3), root["dp"], [Shard(0)], seed=5)),
+        ("plain", parameter((7,), seed=6)),
     ]
     return clip_and_check_each(named, NORM_TYPES)
 
@@ -44,8 +31,8 @@ def test_several_meshes_and_plain_tensors_in_one_call(ranks, shape):
 
 def _uneven_shards_clip():
     mesh = init_device_mesh("cpu", (dist.get_world_size(),))
-    named = [(f"p{n}", _parameter((n, 3), mesh, [Shard(0)], seed=n)) for n in (1, 2, 3, 5)]
-    named.append(("empty", _parameter((0, 4), mesh, [Shard(0)], seed=9)))
+    named = [(f"p{n}", parameter((n, 3), mesh, [Shard(0)], seed=n)) for n in (1, 2, 3, 5)]
+    named.append(("empty", parameter((0, 4), mesh, [Shard(0)], seed=9)))
     return clip_and_check_each(named, NORM_TYPES)
 
 

@@ -113,34 +113,32 @@ def test_a_parameter_iterable_raising_on_one_rank_raises_on_every_rank(ranks):
     assert ranks(2).run(_iterable_raising_on_one_rank) == [True, True]
 
 
-def _bad_metric_on_one_rank():
+def _metrics_raise_on_every_rank(metrics_of_rank, match: str) -> bool:
+    """Clip with ``metrics_of_rank(rank)``: a ValueError matching ``match``, gradients untouched."""
     alone = dist.new_subgroups(group_size=1)[0]
     model = _model(dist.get_rank())
     before = _snapshot(model)
     clipper = distclip.GradClipper(model, 0.1, replica_group=alone)
-    tokens = torch.tensor(5) if dist.get_rank() == 1 else torch.tensor(5.0)  # an integer tensor on rank 1
-    with pytest.raises(ValueError, match="`metrics` values must be 0-dim floating-point tensors"):
-        clipper.clip_(metrics={"tokens": distclip.Sum(tokens)})
+    with pytest.raises(ValueError, match=match):
+        clipper.clip_(metrics=metrics_of_rank(dist.get_rank()))
     return _untouched(model, before)
+
+
+def _integer_tokens_on_rank_1(rank):
+    return {"tokens": distclip.Sum(torch.tensor(5) if rank == 1 else torch.tensor(5.0))}
 
 
 def test_a_bad_metric_value_on_one_rank_raises_on_every_rank(ranks):
-    assert ranks(2).run(_bad_metric_on_one_rank) == [True, True]
+    match = "`metrics` values must be 0-dim floating-point tensors"
+    assert ranks(2).run(_metrics_raise_on_every_rank, _integer_tokens_on_rank_1, match) == [True, True]
 
 
-def _metric_names_that_differ():
-    alone = dist.new_subgroups(group_size=1)[0]
-    model = _model(dist.get_rank())
-    before = _snapshot(model)
-    clipper = distclip.GradClipper(model, 0.1, replica_group=alone)
-    name = "tokens" if dist.get_rank() == 0 else "samples"
-    with pytest.raises(ValueError, match="other names or kinds"):
-        clipper.clip_(metrics={name: distclip.Sum(torch.tensor(5.0))})
-    return _untouched(model, before)
+def _other_name_on_rank_1(rank):
+    return {"tokens" if rank == 0 else "samples": distclip.Sum(torch.tensor(5.0))}
 
 
 def test_metrics_passed_under_other_names_on_another_rank_raise_on_every_rank(ranks):
-    assert ranks(2).run(_metric_names_that_differ) == [True, True]
+    assert ranks(2).run(_metrics_raise_on_every_rank, _other_name_on_rank_1, "other names or kinds") == [True, True]
 
 
 # -- a mesh without this rank ------------------------------------------------------------
