@@ -176,16 +176,22 @@ def test_a_dtensor_on_a_mesh_without_this_rank_counts_nothing_here(ranks):
 # -- the accelerator's rule, on the CPU ---------------------------------------------------
 
 
-def _deferred_problem(api):
-    """Rank 1 holds a sparse gradient (its own problem); rank 0 cannot see it.  Under the
-    accelerator's rule rank 1 raises at once, rank 0 gets a NaN norm and untouched gradients,
-    and both raise at the next call over the group."""
-    alone = dist.new_subgroups(group_size=1)[0]
+def _model_with_a_sparse_gradient_on_rank_1() -> nn.Module:
+    """This rank's model; rank 1's also holds a sparse gradient (a problem only it can see)."""
     model = _model(dist.get_rank())
     if dist.get_rank() == 1:
         embedding = nn.Embedding(10, 4, sparse=True)
         embedding(torch.tensor([1, 2])).sum().backward()
         model.embedding = embedding
+    return model
+
+
+def _deferred_problem(api):
+    """Rank 1 holds a sparse gradient (its own problem); rank 0 cannot see it.  Under the
+    accelerator's rule rank 1 raises at once, rank 0 gets a NaN norm and untouched gradients,
+    and both raise at the next call over the group."""
+    alone = dist.new_subgroups(group_size=1)[0]
+    model = _model_with_a_sparse_gradient_on_rank_1()
     before = [p.grad.clone() for p in model.parameters()]
     outcome = []
     with deferred():
@@ -249,11 +255,7 @@ def _deferred_invalid_step(api):
     """Under the accelerator's rule, a step another rank found a problem in is not mistaken for
     a non-finite norm (whose error path gathers, and would wait for the rank that raised)."""
     alone = dist.new_subgroups(group_size=1)[0]
-    model = _model(dist.get_rank())
-    if dist.get_rank() == 1:
-        embedding = nn.Embedding(10, 4, sparse=True)
-        embedding(torch.tensor([1, 2])).sum().backward()
-        model.embedding = embedding
+    model = _model_with_a_sparse_gradient_on_rank_1()
     outcome = []
     with deferred():
         try:
