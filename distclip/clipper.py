@@ -222,12 +222,16 @@ class GradClipper:
     def _plan_for(self, gradients: Gradients) -> NormPlan:
         """The plan for exactly these gradients (made only when what a plan depends on changed:
         a local check, so every rank that needs one makes one)."""
-        group_of = None
-        if self._groups_spec is not None:
+        def group_of() -> list | None:
+            # Looked up only for a new plan: the key's `fixed` holds what this depends on.
+            if self._groups_spec is None:
+                return None
             slot = self.layout.group_slot
-            group_of = [_slots(assigned, slot) for assigned in self._group_of_holder]
+            slots = [_slots(assigned, slot) for assigned in self._group_of_holder]
             if gradients.presence is not True:
-                group_of = [g for g, present in zip(group_of, gradients.presence) if present]
+                slots = [g for g, present in zip(slots, gradients.presence) if present]
+            return slots
+
         plan = cached_plan(
             gradients.grads,
             self.topology,

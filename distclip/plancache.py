@@ -40,7 +40,7 @@ from __future__ import annotations
 
 import operator
 import weakref
-from typing import Hashable, Mapping, Sequence
+from typing import Callable, Hashable, Mapping, Sequence
 
 from torch import Tensor
 from torch.distributed.device_mesh import DeviceMesh
@@ -94,7 +94,7 @@ def cached_plan(
     known: Mapping[int, Attribution | OwnershipError] | None = None,
     keys: Sequence[Tensor] | None = None,
     *,
-    group_of: Sequence[int] | None = None,
+    group_of: Sequence[int] | Callable[[], Sequence[int] | None] | None = None,
     num_groups: int = 0,
     cache: PlanCache | None = None,
     fixed: Hashable | None = None,
@@ -105,7 +105,8 @@ def cached_plan(
     that knows what ``keys``, ``group_of`` and the copy groups of ``keys`` are a function of (a
     GradClipper: its parameter list's version and which parameters have gradients); it goes in
     the key instead of the groups a ``replica_group`` callable returns, which is then asked only
-    when a plan is made.
+    when a plan is made.  ``group_of`` may be a function giving it, called only then (a
+    GradClipper's is a lookup per parameter).
     """
     cache = _shared if cache is None else cache
     by_specs = _specs_key(grads, topology, known, fixed)
@@ -121,7 +122,7 @@ def cached_plan(
     if entry is not None:
         plan = entry[0]
     else:
-        plan = NormPlan(grads, topology, known, group_of, num_groups, keys)
+        plan = NormPlan(grads, topology, known, group_of() if callable(group_of) else group_of, num_groups, keys)
         if key is None or plan.problems:
             return plan
         cache.remember(False, key, meshes, plan)
