@@ -12,10 +12,12 @@ from rankpool import RankPool
 
 def _starts_jobs(item: pytest.Item) -> bool:
     """A test of a module that starts processes of its own: a torchrun or ``accelerate launch``
-    job (tests/torchrun.py), a training script, a fresh interpreter; 10-80 s each."""
+    job, a job of preloaded ranks (tests/torchrun.py), a training script, a fresh interpreter;
+    10-80 s each."""
     module = getattr(item, "module", None)
     names = vars(module).values() if module is not None else ()
-    return any(value is subprocess or value in (torchrun.run_torchrun, torchrun.run_launched) for value in names)
+    launchers = (torchrun.run_torchrun, torchrun.run_launched, torchrun.run_preloaded)
+    return any(value is subprocess or value in launchers for value in names)
 
 
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:

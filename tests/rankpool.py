@@ -99,12 +99,17 @@ class RankFailure(AssertionError):
 # the 2-core machine, and a pool restarts after every test whose ranks fail).  The server is
 # single-threaded, so forking it is safe, unlike forking the pytest process.
 # torch._inductor is what the profiler (reference.collectives) imports when it first starts:
-# ~2-4 s in every rank process instead of once in the server.
+# ~2-4 s in every rank process instead of once in the server.  The ranks of launch/train.py
+# (torchrun.run_preloaded) import little beyond these (DCP, pipelining, matplotlib: < 1 s).
 PRELOAD = ["torch", "torch.distributed", "torch.distributed.tensor", "torch.distributed.fsdp", "distclip",
            "torch._inductor"]
 
 
-def _context() -> mp.context.BaseContext:
+def forkserver_context() -> mp.context.BaseContext:
+    """The "forkserver" context with PRELOAD.  A process has ONE forkserver, whose preload is
+    the list set when it starts: every user of it in the tests (this pool, the ranks of
+    torchrun.run_preloaded) takes its context from here, so whichever starts it, it preloads
+    PRELOAD."""
     context = mp.get_context("forkserver")
     context.set_forkserver_preload(PRELOAD)
     return context
@@ -118,7 +123,7 @@ class RankPool:
         self._processes: list[mp.Process] = []
 
     def _start(self) -> None:
-        context = _context()
+        context = forkserver_context()
         fd, init_file = tempfile.mkstemp(prefix="distclip-pg-")
         os.close(fd)
         os.unlink(init_file)  # FileStore wants a path that does not exist yet
