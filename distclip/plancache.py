@@ -47,7 +47,7 @@ from torch.distributed.device_mesh import DeviceMesh
 from torch.distributed.tensor import DTensor
 
 from distclip.ownership import Attribution, OwnershipError
-from distclip.plan import NormPlan
+from distclip.plan import GroupOf, NormPlan
 from distclip.topology import Topology, current_accelerator
 from distclip.torch_internals import LOCAL_TENSOR, SPEC, DTensorSpec
 
@@ -94,7 +94,7 @@ def cached_plan(
     known: Mapping[int, Attribution | OwnershipError] | None = None,
     keys: Sequence[Tensor] | None = None,
     *,
-    group_of: Sequence[int] | Callable[[], Sequence[int] | None] | None = None,
+    group_of: Callable[[], Sequence[GroupOf] | None] | None = None,
     num_groups: int = 0,
     cache: PlanCache | None = None,
     fixed: Hashable | None = None,
@@ -105,8 +105,8 @@ def cached_plan(
     that knows what ``keys``, ``group_of`` and the copy groups of ``keys`` are a function of (a
     GradClipper: its parameter list's version and which parameters have gradients); it goes in
     the key instead of the groups a ``replica_group`` callable returns, which is then asked only
-    when a plan is made.  ``group_of`` may be a function giving it, called only then (a
-    GradClipper's is a lookup per parameter).
+    when a plan is made.  ``group_of`` is a function giving NormPlan's ``group_of``, called
+    only then too (a GradClipper's is a lookup per parameter).
     """
     cache = _shared if cache is None else cache
     by_specs = _specs_key(grads, topology, known, fixed)
@@ -122,7 +122,7 @@ def cached_plan(
     if entry is not None:
         plan = entry[0]
     else:
-        plan = NormPlan(grads, topology, known, group_of() if callable(group_of) else group_of, num_groups, keys)
+        plan = NormPlan(grads, topology, known, None if group_of is None else group_of(), num_groups, keys)
         if key is None or plan.problems:
             return plan
         cache.remember(False, key, meshes, plan)

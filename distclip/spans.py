@@ -32,9 +32,8 @@ class Runs:
     The *units* of a step are :meth:`views`: one flat view per run, then the gradients ``alone``
     (those with a piece in no run) as they are; ``ranges`` are ``(unit, start, stop, unit
     numel)``, every piece covered once, in the pieces' order (a run where its first piece is),
-    ``unit_gradients`` each unit's gradient (a run's first), and ``range_pieces`` the piece each
-    range stands for (a run's first).  ``runs[r] = (anchor, start,
-    length)``: run r is ``length`` elements from element ``start`` of gradient ``anchor``'s
+    and ``range_pieces`` the piece each range stands for (a run's first).  ``runs[r] = (anchor,
+    start, length)``: run r is ``length`` elements from element ``start`` of gradient ``anchor``'s
     storage offset on; ``members`` are every run piece's gradient, ``member_offsets`` where each
     one's first element sat relative to its run's anchor (in elements), ``member_runs`` its run.
     """
@@ -46,7 +45,6 @@ class Runs:
     itemsize: int
     alone: tuple[int, ...]
     ranges: tuple[tuple[int, int, int, int], ...]
-    unit_gradients: tuple[int, ...]
     range_pieces: tuple[int, ...]
 
     def views(self, local: Sequence[Tensor]) -> list[Tensor] | None:
@@ -140,6 +138,5 @@ def find_runs(pieces: Sequence[Piece], local: Sequence[Tensor], keys: Sequence[o
         size,
         tuple(alone),
         tuple(ranges),
-        tuple(anchor for anchor, _, _ in spans) + tuple(alone),
         tuple(range_pieces),
     )

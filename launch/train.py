@@ -612,9 +612,8 @@ def train(args: argparse.Namespace) -> None:
                       "clipped_norm": None if skipped else norm * coef, "max_norm": result.max_norm.item(), "skipped": skipped,
                       "lr": optimizer.param_groups[0]["lr"], "tokens_per_s": tokens_per_s}
             if args.layer_norms:  # every block's norm, read from the same all-reduce (all stages)
-                layers = sorted(result.all_group_norms.items(), key=lambda item: layer_order(item[0]))
-                record["layer_norms"] = dict(zip((name for name, _ in layers),
-                                                 torch.stack([value for _, value in layers]).tolist()))
+                norms = dict(zip(result.group_names, result.norms[1:].tolist()))  # one host read
+                record["layer_norms"] = {name: norms[name] for name in sorted(norms, key=layer_order)}
             log.write(metrics_line(record))
             log.flush()
             if progress is not None:
